@@ -1,0 +1,84 @@
+"""``mlxq status|results|cancel|jobs``: look at jobs and steer them."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from .common import describe, echo_json, store_from
+from .main import cli
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def status(ctx, job, as_json):
+    """Show JOB's status and request counts.
+
+    \b
+    Example:
+      mlxq status 3f2a... --json
+    """
+    info = store_from(ctx).info(job)
+    if as_json:
+        echo_json(info.as_dict())
+    else:
+        click.echo(describe(info))
+
+
+@cli.command()
+@click.argument("job")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-",
+              help="Write to this file instead of standard output.")
+@click.pass_context
+def results(ctx, job, output):
+    """Write JOB's results as JSONL, one line per input line, in input order.
+
+    Each line has index, custom_id, status, and either a result
+    (response, tool_calls, usage, finish_reason) or an error.
+
+    \b
+    Example:
+      mlxq results 3f2a... -o results.jsonl
+    """
+    for line in store_from(ctx).results(job):
+        output.write(line.model_dump_json() + "\n")
+
+
+@cli.command()
+@click.argument("job")
+@click.pass_context
+def cancel(ctx, job):
+    """Cancel JOB: queued requests never start, running ones stop at the next step.
+
+    Finished requests keep their results.
+
+    \b
+    Example:
+      mlxq cancel 3f2a...
+    """
+    click.echo(f"job {job}: {store_from(ctx).cancel(job).value}")
+
+
+@cli.command(name="jobs")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@click.pass_context
+def list_jobs(ctx, limit, as_json):
+    """List jobs, newest first.
+
+    \b
+    Example:
+      mlxq jobs --limit 10
+    """
+    for info in store_from(ctx).list_jobs(limit):
+        if as_json:
+            echo_json(info.as_dict())
+            continue
+        when = dt.datetime.fromtimestamp(info.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{info.job_id}  {when}  {info.status.value:<10}  "
+            f"{info.completed + info.failed + info.cancelled}/{info.total} done, {info.failed} failed"
+        )

@@ -1,0 +1,37 @@
+"""Every default of mlxq in one place.
+
+Nothing here reads the environment: the CLI maps ``MLXQ_*`` variables onto
+options, and passes the values down.
+"""
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_MODEL = "@cf/qwen/qwen1.5-0.5b-chat"
+
+#: Seed model names and the MLX repositories they resolve to.
+MODEL_ALIASES = {
+    "@cf/qwen/qwen1.5-0.5b-chat": "mlx-community/Qwen1.5-0.5B-Chat-4bit",
+}
+
+#: Requests a worker keeps in flight at once (continuous batching width).
+DEFAULT_CONCURRENCY = 32
+
+#: Jobs and their keys expire this long after the last change (seconds).
+DEFAULT_RETENTION = 7 * 24 * 3600
+
+#: Ingest limits; each is reported in the error when hit.
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_REQUESTS = 1_000_000
+
+#: Sampling defaults from the seed schema.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.6
+
+#: The key prefix of everything mlxq stores in Redis.
+KEY_PREFIX = "mlxq"
+
+#: How often a running request's task looks at its job for a cancellation.
+DEFAULT_CANCEL_POLL = 0.5
+
+#: Celery: the broker re-delivers a message unacknowledged for this long.
+#: Kept long so that a long generation is never handed to a second worker.
+DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600

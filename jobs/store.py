@@ -1,0 +1,388 @@
+"""The Redis job store.
+
+Keys of job ``J`` (all expire after the retention):
+
+- ``mlxq:job:J``        hash: status, model, created_at, started_at, finished_at,
+                        total and one count per request status
+- ``mlxq:job:J:req``    hash: index -> the validated request (JSON)
+- ``mlxq:job:J:state``  hash: index -> request status
+- ``mlxq:job:J:res``    hash: index -> result line (JSON), once the request ended
+- ``mlxq:job:J:cid``    hash: explicit custom_id -> index (duplicate detection)
+- ``mlxq:jobs``         sorted set: job ids by creation time
+
+Every change of state that touches more than one key is one Lua script.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import redis
+
+from .defaults import DEFAULT_RETENTION, KEY_PREFIX
+from .errors import JobNotFound, StoreError
+from .ingest import Line, request_from_json
+from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
+from .urls import mask_url
+
+__all__ = ["JobStore", "JobInfo", "Start", "connect"]
+
+_CHUNK = 1000
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` with retries on connection errors (no I/O yet)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    try:
+        return redis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 6),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        raise StoreError(f"bad Redis URL {mask_url(url)}: {exc}") from exc
+
+
+def _wrap(method):
+    """Turn Redis exceptions into :class:`StoreError` naming the (masked) server."""
+
+    @functools.wraps(method)
+    def wrapper(self: "JobStore", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis at {self.where}: {exc}") from exc
+
+    return wrapper
+
+
+# KEYS[1] job hash, KEYS[2] state hash; ARGV[1] index, ARGV[2] now.
+# Returns 1 when the request moved queued -> running, 2 when it was already
+# running (a re-delivered message), 0 when it must not run, -1 no such job.
+_START = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return -1 end
+if st == 'cancelling' or st == 'cancelled' then return 0 end
+local s = redis.call('HGET', KEYS[2], ARGV[1])
+if s == 'queued' then
+  redis.call('HSET', KEYS[2], ARGV[1], 'running')
+  redis.call('HINCRBY', KEYS[1], 'queued', -1)
+  redis.call('HINCRBY', KEYS[1], 'running', 1)
+  if st == 'queued' then
+    redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
+  end
+  return 1
+elseif s == 'running' then
+  return 2
+end
+return 0
+"""
+
+# KEYS[1] job hash, KEYS[2] state, KEYS[3] res, KEYS[4] req, KEYS[5] cid;
+# ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
+# ARGV[4] now, ARGV[5] retention seconds.
+# Returns 1 when recorded, 0 when the request had already ended (no change).
+_FINISH = """
+local s = redis.call('HGET', KEYS[2], ARGV[1])
+if s ~= 'queued' and s ~= 'running' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HINCRBY', KEYS[1], s, -1)
+redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+local c = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed', 'cancelled', 'status')
+if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
+  local final = 'completed'
+  if c[5] == 'cancelling' then final = 'cancelled' end
+  redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[4])
+  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
+return 1
+"""
+
+# KEYS[1] job hash, KEYS[2] state; ARGV[1] now.
+# Queued requests become cancelled; the job becomes cancelling while some
+# request still runs, else cancelled. Returns the job's status, or nil.
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return nil end
+if st == 'completed' or st == 'cancelled' then return st end
+local states = redis.call('HGETALL', KEYS[2])
+local n = 0
+for i = 1, #states, 2 do
+  if states[i + 1] == 'queued' then
+    redis.call('HSET', KEYS[2], states[i], 'cancelled')
+    n = n + 1
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'queued', -n)
+redis.call('HINCRBY', KEYS[1], 'cancelled', n)
+local final = 'cancelling'
+if tonumber(redis.call('HGET', KEYS[1], 'running')) == 0 then final = 'cancelled' end
+redis.call('HSET', KEYS[1], 'status', final)
+if final == 'cancelled' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[1]) end
+return final
+"""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    status: JobStatus
+    model: str
+    created_at: float
+    total: int
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "model": self.model,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "counts": {
+                "total": self.total,
+                "queued": self.queued,
+                "running": self.running,
+                "completed": self.completed,
+                "failed": self.failed,
+                "cancelled": self.cancelled,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Start:
+    """What :meth:`JobStore.start` decided for one request."""
+
+    run: bool
+    redelivered: bool = False
+
+
+class JobStore:
+    """All of mlxq's Redis state, behind methods that say what they mean."""
+
+    def __init__(self, client: redis.Redis, retention: int = DEFAULT_RETENTION, where: str = "?"):
+        self.r = client
+        self.retention = retention
+        self.where = where
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, retention: int = DEFAULT_RETENTION) -> "JobStore":
+        return cls(connect(url), retention, where=mask_url(url))
+
+    # -- keys ---------------------------------------------------------------
+
+    @staticmethod
+    def key(job_id: str, part: str = "") -> str:
+        return f"{KEY_PREFIX}:job:{job_id}" + (f":{part}" if part else "")
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [self.key(job_id, p) for p in ("", "state", "res", "req", "cid")]
+
+    # -- creating a job -----------------------------------------------------
+
+    @staticmethod
+    def new_job_id() -> str:
+        """128 random bits: job ids cannot be guessed."""
+        return secrets.token_hex(16)
+
+    @_wrap
+    def ping(self) -> None:
+        self.r.ping()
+
+    @_wrap
+    def add_lines(self, job_id: str, lines: list[Line]) -> tuple[int, int]:
+        """Store a batch of parsed lines; returns (valid, invalid).
+
+        A line whose explicit ``custom_id`` repeats an earlier line's fails.
+        """
+        state, res, req, cid = (self.key(job_id, p) for p in ("state", "res", "req", "cid"))
+        explicit = [line for line in lines if line.explicit_id and line.request is not None]
+        first: dict[int, int] = {}
+        if explicit:
+            pipe = self.r.pipeline(transaction=False)
+            for line in explicit:
+                pipe.hsetnx(cid, line.custom_id, line.index)
+            fresh = pipe.execute()
+            dup = [line for line, ok in zip(explicit, fresh) if not ok]
+            if dup:
+                owners = self.r.hmget(cid, [line.custom_id for line in dup])
+                first = {line.index: int(o) for line, o in zip(dup, owners)}
+        valid = invalid = 0
+        pipe = self.r.pipeline(transaction=False)
+        for line in lines:
+            error = line.error
+            if line.index in first:
+                error = (
+                    f"line {line.lineno}: field 'custom_id': {line.custom_id!r} repeats the id "
+                    f"of request {first[line.index]}"
+                )
+            if error is None:
+                body = line.request.model_dump(mode="json", exclude_none=True)
+                body["custom_id"] = line.custom_id
+                pipe.hset(req, line.index, json.dumps(body, ensure_ascii=False))
+                pipe.hset(state, line.index, RequestStatus.QUEUED.value)
+                valid += 1
+            else:
+                failed = ResultLine(
+                    index=line.index, custom_id=line.custom_id, status=RequestStatus.FAILED,
+                    error=ErrorInfo(code="invalid_request", message=error),
+                )
+                pipe.hset(req, line.index, json.dumps({"custom_id": line.custom_id}))
+                pipe.hset(res, line.index, failed.model_dump_json())
+                pipe.hset(state, line.index, RequestStatus.FAILED.value)
+                invalid += 1
+        pipe.execute()
+        return valid, invalid
+
+    @_wrap
+    def finalize(self, job_id: str, model: str, total: int, valid: int) -> JobInfo:
+        """Make a fully stored job visible and queued, in one step."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            self.key(job_id),
+            mapping={
+                "status": JobStatus.QUEUED.value, "model": model, "created_at": repr(now),
+                "total": total, "queued": valid, "running": 0, "completed": 0,
+                "failed": total - valid, "cancelled": 0,
+            },
+        )
+        for k in self._keys(job_id):
+            pipe.expire(k, self.retention)
+        pipe.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
+        pipe.execute()
+        return self.info(job_id)
+
+    @_wrap
+    def discard(self, job_id: str) -> None:
+        self.r.delete(*self._keys(job_id))
+
+    # -- running requests ---------------------------------------------------
+
+    @_wrap
+    def start(self, job_id: str, index: int) -> Start:
+        outcome = self._start(keys=self._keys(job_id)[:2], args=[index, repr(time.time())])
+        return Start(run=outcome in (1, 2), redelivered=outcome == 2)
+
+    @_wrap
+    def load_request(self, job_id: str, index: int) -> tuple[str, Request]:
+        """The custom_id and request stored at ``index``."""
+        data = self.r.hget(self.key(job_id, "req"), index)
+        if data is None:
+            raise JobNotFound(f"job {job_id} has no request {index}")
+        return json.loads(data)["custom_id"], request_from_json(data)
+
+    @_wrap
+    def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
+        """Record a request's end once; a second call for it changes nothing."""
+        args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()), self.retention]
+        return self._finish(keys=self._keys(job_id), args=args, client=pipeline) == 1
+
+    @_wrap
+    def model_of(self, job_id: str) -> Optional[str]:
+        model = self.r.hget(self.key(job_id), "model")
+        return model.decode() if model is not None else None
+
+    @_wrap
+    def is_cancelling(self, job_id: str) -> bool:
+        status = self.r.hget(self.key(job_id), "status")
+        return status in (b"cancelling", b"cancelled", None)
+
+    @_wrap
+    def request_states(self, job_id: str, indices: Iterable[int]) -> list[Optional[str]]:
+        values = self.r.hmget(self.key(job_id, "state"), list(indices))
+        return [v.decode() if v is not None else None for v in values]
+
+    # -- reading and steering a job ------------------------------------------
+
+    @_wrap
+    def info(self, job_id: str) -> JobInfo:
+        h = self.r.hgetall(self.key(job_id))
+        if not h or b"status" not in h:
+            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+        d = {k.decode(): v.decode() for k, v in h.items()}
+
+        def num(name: str) -> int:
+            return int(d.get(name, 0))
+
+        return JobInfo(
+            job_id=job_id, status=JobStatus(d["status"]), model=d.get("model", ""),
+            created_at=float(d["created_at"]), total=num("total"), queued=num("queued"),
+            running=num("running"), completed=num("completed"), failed=num("failed"),
+            cancelled=num("cancelled"),
+            started_at=float(d["started_at"]) if "started_at" in d else None,
+            finished_at=float(d["finished_at"]) if "finished_at" in d else None,
+        )
+
+    @_wrap
+    def cancel(self, job_id: str) -> JobStatus:
+        status = self._cancel(keys=self._keys(job_id)[:2], args=[repr(time.time())])
+        if status is None:
+            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+        return JobStatus(status.decode())
+
+    @_wrap
+    def queued_indices(self, job_id: str) -> Iterator[int]:
+        """Indices of the job's queued requests, in order, a chunk at a time."""
+        total = self.info(job_id).total
+        for lo in range(0, total, _CHUNK):
+            idx = list(range(lo, min(lo + _CHUNK, total)))
+            for i, s in zip(idx, self.r.hmget(self.key(job_id, "state"), idx)):
+                if s == b"queued":
+                    yield i
+
+    @_wrap
+    def results(self, job_id: str) -> Iterator[ResultLine]:
+        """One line per request, in input order; unfinished ones carry no result."""
+        total = self.info(job_id).total
+        res, state, req = (self.key(job_id, p) for p in ("res", "state", "req"))
+        for lo in range(0, total, _CHUNK):
+            idx = list(range(lo, min(lo + _CHUNK, total)))
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(res, idx)
+            pipe.hmget(state, idx)
+            stored, states = pipe.execute()
+            missing = [i for i, s in zip(idx, stored) if s is None]
+            ids = dict(zip(missing, self.r.hmget(req, missing))) if missing else {}
+            for i, s, st in zip(idx, stored, states):
+                if s is not None:
+                    yield ResultLine.model_validate_json(s)
+                    continue
+                status = RequestStatus(st.decode()) if st else RequestStatus.CANCELLED
+                error = None
+                if status is RequestStatus.CANCELLED:
+                    error = ErrorInfo(code="cancelled", message="the job was cancelled before this request ran")
+                custom_id = json.loads(ids[i])["custom_id"] if ids.get(i) else str(i)
+                yield ResultLine(index=i, custom_id=custom_id, status=status, error=error)
+
+    @_wrap
+    def list_jobs(self, limit: int = 50) -> list[JobInfo]:
+        ids = self.r.zrevrange(f"{KEY_PREFIX}:jobs", 0, limit - 1)
+        out = []
+        for raw in ids:
+            try:
+                out.append(self.info(raw.decode()))
+            except JobNotFound:
+                self.r.zrem(f"{KEY_PREFIX}:jobs", raw)
+        return out

@@ -1,0 +1,79 @@
+"""Run MLX's CPU backend on an optimised BLAS.
+
+mlx's Linux wheel bundles the reference BLAS (float32 matmul at a few GFLOP/s).
+Debian's OpenBLAS (``libopenblas0-pthread``), preloaded in its place, is some
+40x faster. :func:`ensure_fast_blas` re-executes the process with
+``LD_PRELOAD`` set when OpenBLAS is installed but not loaded; it must run
+before anything imports mlx.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+from typing import Optional
+
+__all__ = ["find_openblas", "loaded_blas", "ensure_fast_blas"]
+
+log = logging.getLogger(__name__)
+
+_PATTERNS = (
+    "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/*-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/*-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/local/lib/libopenblas.so.0",
+)
+_GUARD = "MLXQ_BLAS_REEXEC"
+
+
+def find_openblas() -> Optional[str]:
+    """The path of an installed OpenBLAS shared library, if any."""
+    for pattern in _PATTERNS:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def loaded_blas() -> str:
+    """Which BLAS this process has mapped: 'openblas', 'reference', or 'system'."""
+    if sys.platform == "darwin":
+        return "accelerate"
+    try:
+        with open("/proc/self/maps") as maps:
+            text = maps.read()
+    except OSError:
+        return "unknown"
+    if "libopenblas" in text:
+        return "openblas"
+    if "libblas" in text:
+        return "reference"
+    return "not loaded"
+
+
+def ensure_fast_blas(disable: bool = False) -> None:
+    """On Linux, re-exec this process with OpenBLAS preloaded when it can help."""
+    if disable or not sys.platform.startswith("linux"):
+        return
+    if "openblas" in os.environ.get("LD_PRELOAD", "") or os.environ.get(_GUARD):
+        return
+    if "mlx" in sys.modules:
+        log.warning("mlx is already imported; cannot switch it to OpenBLAS")
+        return
+    path = find_openblas()
+    if path is None:
+        log.warning(
+            "OpenBLAS not found: MLX will use its reference BLAS, which is slow on the CPU "
+            "(install it with: apt-get install libopenblas0-pthread)"
+        )
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env[_GUARD] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])), env)

@@ -1,0 +1,309 @@
+"""The generation engine: one thread, one mlx-lm ``BatchGenerator``, many requests.
+
+Callers on any thread turn a request into a :class:`Prepared` (chat template,
+tokens, sampling parameters) and :meth:`Engine.submit` it; they get a
+:class:`Handle` whose future resolves to a :class:`Generation`. The engine
+thread admits new requests between steps (continuous batching), so a finished
+request's slot is taken by the next one at once. All MLX calls stay on the
+engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from jobs.errors import EngineError
+from jobs.models import MessagesRequest, Request
+
+from .model import LoadedModel
+
+__all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRejected"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(EngineError):
+    """This request cannot run on this model (too long, unsupported option)."""
+
+
+class EngineStopped(EngineError):
+    """The engine stopped before the request ended."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the engine: its prompt tokens and sampling parameters."""
+
+    prompt: str
+    tokens: tuple[int, ...]
+    max_tokens: int
+    temperature: float
+    top_p: Optional[float]
+    top_k: Optional[int]
+    seed: int
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the engine made of one request."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    seed: int
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """New text of one request after one engine step."""
+
+    handle: "Handle"
+    delta: str
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Handle:
+    """A submitted request: a future, a way to cancel it, and the caller's tag."""
+
+    prepared: Prepared
+    tag: object = None
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def result(self, timeout: Optional[float] = None) -> Generation:
+        return self.future.result(timeout)
+
+
+@dataclass(eq=False)
+class _Slot:
+    handle: Handle
+    detokenizer: object
+    generated: int = 0
+    reason: Optional[str] = None
+
+
+class Engine:
+    """Continuous batching over one loaded model."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        width: int = 32,
+        on_step: Optional[Callable[[list[StepEvent]], None]] = None,
+        on_fatal: Optional[Callable[[BaseException], None]] = None,
+    ):
+        self.loaded = loaded
+        self.width = width
+        self.on_step = on_step
+        self.on_fatal = on_fatal
+        self._inbox: "queue.SimpleQueue[Optional[Handle]]" = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._tok_lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.tokens_generated = 0
+
+    # -- any thread -----------------------------------------------------------
+
+    def render(self, request: Request) -> str:
+        """The exact prompt text the model is given for ``request``."""
+        tok = self.loaded.tokenizer
+        if isinstance(request, MessagesRequest):
+            messages = [m.model_dump() for m in request.messages]
+            tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+            kwargs = {"tools": tools} if tools else {}
+        elif request.raw:
+            return request.prompt
+        else:
+            messages, kwargs = [{"role": "user", "content": request.prompt}], {}
+        if getattr(tok, "chat_template", None) is None:
+            # A base model without a template: plain concatenation.
+            return "\n".join(m["content"] for m in messages) + "\n"
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        except Exception as exc:  # jinja raises whatever the template raises
+            raise RequestRejected(f"the model's chat template failed: {exc}") from exc
+
+    def prepare(self, request: Request, seed: int) -> Prepared:
+        """Render and tokenize ``request``; raises :class:`RequestRejected`."""
+        if request.lora:
+            raise RequestRejected(f"field 'lora': no LoRA adapter {request.lora!r} is available on this worker")
+        prompt = self.render(request)
+        with self._tok_lock:
+            tokens = tuple(self.loaded.tokenizer.encode(prompt, add_special_tokens=False))
+        if not tokens:
+            raise RequestRejected("the prompt is empty after tokenization")
+        limit = self.loaded.context_length
+        if len(tokens) + request.max_tokens > limit:
+            raise RequestRejected(
+                f"the prompt is {len(tokens)} tokens; with max_tokens {request.max_tokens} it exceeds "
+                f"the model's context of {limit} tokens"
+            )
+        return Prepared(
+            prompt=prompt, tokens=tokens, max_tokens=request.max_tokens,
+            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=seed,
+            repetition_penalty=request.repetition_penalty,
+            frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+        )
+
+    def submit(self, prepared: Prepared, tag: object = None) -> Handle:
+        if self.error is not None or self._stop.is_set():
+            raise EngineStopped("the engine is not running")
+        handle = Handle(prepared, tag)
+        self._inbox.put(handle)
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop ``handle`` at the next step; its future resolves as cancelled."""
+        handle.cancelled.set()
+        self._inbox.put(None)  # wake the engine if it idles
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="mlxq-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the engine thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        active: dict[int, _Slot] = {}
+        try:
+            self._loop(active)
+        except BaseException as exc:  # noqa: BLE001 - every failure must end the requests
+            self.error = exc
+            log.exception("the generation engine failed")
+            self._fail_all(active, exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._fail_all(active, EngineStopped("the worker is shutting down"))
+
+    def _fail_all(self, active: dict[int, _Slot], exc: BaseException) -> None:
+        error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
+        pending = [s.handle for s in active.values()]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending.append(item)
+        for handle in pending:
+            if not handle.future.done():
+                handle.future.set_exception(error)
+        active.clear()
+
+    def _loop(self, active: dict[int, _Slot]) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        tok = self.loaded.tokenizer
+        gen = BatchGenerator(
+            self.loaded.model,
+            stop_tokens=[[t] for t in sorted(tok.eos_token_ids)],
+            completion_batch_size=self.width,
+            prefill_batch_size=min(self.width, 8),
+            prefill_step_size=512,
+        )
+        try:
+            while not self._stop.is_set():
+                self._admit(gen, active, block=not active)
+                self._drop_cancelled(gen, active)
+                if not active:
+                    continue
+                _, responses = gen.next()
+                self._collect(responses, active)
+        finally:
+            gen.close()
+
+    def _admit(self, gen, active: dict[int, _Slot], block: bool) -> None:
+        from .sampling import make_request_processors, make_request_sampler
+
+        new: list[Handle] = []
+        try:
+            item = self._inbox.get(timeout=0.2) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    new.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        new = [h for h in new if not self._resolve_if_cancelled(h, 0)]
+        if not new:
+            return
+        ps = [h.prepared for h in new]
+        uids = gen.insert(
+            [list(p.tokens) for p in ps],
+            max_tokens=[p.max_tokens for p in ps],
+            samplers=[make_request_sampler(p.temperature, p.top_p, p.top_k, p.seed) for p in ps],
+            logits_processors=[
+                make_request_processors(p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+                for p in ps
+            ],
+        )
+        for uid, handle in zip(uids, new):
+            active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer)
+
+    def _resolve_if_cancelled(self, handle: Handle, generated: int, text: str = "") -> bool:
+        if not handle.cancelled.is_set():
+            return False
+        p = handle.prepared
+        handle.future.set_result(Generation(text, len(p.tokens), generated, "cancelled", p.seed))
+        return True
+
+    def _drop_cancelled(self, gen, active: dict[int, _Slot]) -> None:
+        gone = [uid for uid, s in active.items() if s.handle.cancelled.is_set()]
+        if not gone:
+            return
+        gen.remove(gone)
+        for uid in gone:
+            slot = active.pop(uid)
+            slot.detokenizer.finalize()
+            self._resolve_if_cancelled(slot.handle, slot.generated, slot.detokenizer.text)
+
+    def _collect(self, responses, active: dict[int, _Slot]) -> None:
+        events: list[StepEvent] = []
+        finished: list[_Slot] = []
+        for r in responses:
+            slot = active.get(r.uid)
+            if slot is None:
+                continue
+            slot.generated += 1
+            slot.reason = r.finish_reason
+            if r.finish_reason != "stop":
+                slot.detokenizer.add_token(r.token)
+            if r.finish_reason is not None:
+                slot.detokenizer.finalize()
+                del active[r.uid]
+                finished.append(slot)
+            if self.on_step is not None:
+                delta = slot.detokenizer.last_segment
+                if delta or r.finish_reason is not None:
+                    events.append(StepEvent(slot.handle, delta, slot.generated))
+        self.tokens_generated += len(responses)
+        if events:
+            self.on_step(events)
+        for slot in finished:
+            p = slot.handle.prepared
+            slot.handle.future.set_result(
+                Generation(slot.detokenizer.text, len(p.tokens), slot.generated, slot.reason, p.seed)
+            )

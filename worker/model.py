@@ -1,0 +1,93 @@
+"""Find and load a model: a seed name, a Hugging Face repository or a local directory.
+
+On the CPU the model computes in float32: quantized layers are dequantized and
+half-precision weights upcast at load, because MLX's CPU matmul is fast only in
+float32. On Apple Silicon (Metal) the model keeps its own dtype and quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from jobs.defaults import MODEL_ALIASES
+from jobs.errors import ModelNotFound
+
+__all__ = ["LoadedModel", "resolve_model", "load_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    source: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    context_length: int
+
+
+def resolve_model(name: str, model_dirs: Optional[Sequence[str]] = None) -> str:
+    """Where ``name`` is loaded from: a local directory or a hub repository id.
+
+    With ``model_dirs`` set, a name that is a filesystem path must lie inside one
+    of them, so that a submitted job cannot point a worker at arbitrary files.
+    """
+    name = MODEL_ALIASES.get(name, name)
+    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(name)
+    if not looks_local:
+        return name
+    path = Path(name).expanduser().resolve()
+    if model_dirs:
+        roots = [Path(d).expanduser().resolve() for d in model_dirs]
+        if not any(path == r or r in path.parents for r in roots):
+            raise ModelNotFound(f"model {name}: outside the allowed model directories")
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"model {name}: not a model directory (no config.json in {path})")
+    return str(path)
+
+
+def _context_length(source: str) -> int:
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 32768
+    return int(config.get("max_position_embeddings") or 32768)
+
+
+def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False) -> LoadedModel:
+    """Load ``name`` with mlx-lm; raises :class:`ModelNotFound` in plain words."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load
+
+    source = resolve_model(name, model_dirs)
+    metal = not force_cpu and mx.metal.is_available()
+    if not metal:
+        mx.set_default_device(mx.cpu)
+    try:
+        model, tokenizer, config = load(source, return_config=True)
+    except Exception as exc:  # hub and filesystem errors come in many types
+        where = "a local directory" if os.path.isabs(source) else f"Hugging Face repository {source}"
+        raise ModelNotFound(
+            f"model {name}: cannot load {where} ({type(exc).__name__}: {exc}); "
+            "check the name, or download it where there is network access"
+        ) from exc
+    if not metal:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    dtype = str(tree_flatten(model.parameters())[0][1].dtype).replace("mlx.core.", "")
+    context = int(config.get("max_position_embeddings") or 0) if isinstance(config, dict) else 0
+    return LoadedModel(
+        name=name, source=source, model=model, tokenizer=tokenizer,
+        device="gpu (Metal)" if metal else "cpu", dtype=dtype,
+        context_length=context or _context_length(source),
+    )
+

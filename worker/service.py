@@ -1,0 +1,86 @@
+"""Start a worker: load the model, start the engine, consume the model's queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+from jobs.store import JobStore
+
+from . import tasks  # noqa: F401  (registers the task with the app)
+from .app import app, configure, queue_for
+from .blas import loaded_blas
+from .engine import Engine
+from .model import load_model
+from .runner import Runner, set_runner
+
+__all__ = ["build_runner", "serve", "running_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def _die(exc: BaseException) -> None:
+    """The engine is gone: stop the worker so its supervisor restarts it."""
+    log.critical("engine failed (%s); shutting the worker down", exc)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def build_runner(
+    redis_url: str,
+    model: str,
+    concurrency: int,
+    model_dirs: Optional[Sequence[str]] = None,
+    force_cpu: bool = False,
+    on_fatal=_die,
+) -> Runner:
+    loaded = load_model(model, model_dirs, force_cpu=force_cpu)
+    log.info(
+        "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight",
+        loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency,
+    )
+    store = JobStore.from_url(redis_url)
+    store.ping()
+    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal).start()
+    runner = Runner(store, engine)
+    set_runner(runner)
+    return runner
+
+
+def serve(redis_url: str, model: str, concurrency: int, model_dirs=None, loglevel: str = "INFO") -> int:
+    """Run a worker in this process until it is told to stop; returns its exit code."""
+    runner = build_runner(redis_url, model, concurrency, model_dirs)
+    configure(redis_url)
+    worker = app.Worker(
+        pool="threads", concurrency=concurrency, queues=[queue_for(model)],
+        loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,
+    )
+    try:
+        worker.start()
+    finally:
+        runner.engine.stop()
+        set_runner(None)
+    if runner.engine.error is not None:
+        return 70
+    return worker.exitcode or 0
+
+
+@contextmanager
+def running_worker(redis_url: str, model: str, concurrency: int = 4, **kwargs) -> Iterator[Runner]:
+    """A real worker on a thread of this process (tests, ``mlxq run``)."""
+    from celery.contrib.testing.worker import start_worker
+
+    runner = build_runner(redis_url, model, concurrency, **kwargs)
+    configure(redis_url)
+    try:
+        with start_worker(
+            app, pool="threads", concurrency=concurrency, queues=[queue_for(model)],
+            perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING",
+        ):
+            yield runner
+    finally:
+        runner.engine.stop()
+        set_runner(None)
