@@ -1,0 +1,69 @@
+"""Shared fixtures: a real Redis database, a tiny real model, a real Celery worker.
+
+Redis: ``MLXQ_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``). A
+missing Redis is an error, not a skip. Every test starts and ends with no
+``mlxq:*`` keys in that database.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from modelfactory import build_model  # noqa: E402
+
+from jobs.store import JobStore  # noqa: E402
+
+REDIS_URL = os.environ.get("MLXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _clear(client: redis.Redis) -> None:
+    keys = list(client.scan_iter("mlxq:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"the tests need a Redis server at {REDIS_URL}: {exc}", pytrace=False)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    _clear(client)
+    yield client
+    _clear(client)
+
+
+@pytest.fixture
+def store(redis_client, redis_url) -> JobStore:
+    return JobStore.from_url(redis_url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A Qwen2-architecture model with random weights and a real BPE tokenizer."""
+    return build_model(tmp_path_factory.mktemp("models") / "tiny", shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url, tiny_model):
+    """A real Celery worker (thread pool) in this process, serving the tiny model."""
+    from worker.service import running_worker
+
+    with running_worker(redis_url, str(tiny_model), concurrency=8, on_fatal=lambda exc: None) as runner:
+        yield runner
