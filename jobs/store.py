@@ -8,6 +8,7 @@ Keys of job ``J`` (all expire after the retention):
 - ``mlxq:job:J:state``  hash: index -> request status
 - ``mlxq:job:J:res``    hash: index -> result line (JSON), once the request ended
 - ``mlxq:job:J:cid``    hash: explicit custom_id -> index (duplicate detection)
+- ``mlxq:job:J:events`` stream: partial results (see :mod:`jobs.events`)
 - ``mlxq:jobs``         sorted set: job ids by creation time
 
 Every change of state that touches more than one key is one Lua script.
@@ -26,6 +27,7 @@ import redis
 
 from .defaults import DEFAULT_RETENTION, KEY_PREFIX
 from .errors import JobNotFound, StoreError
+from .events import DEFAULT_STREAM_MAXLEN, EMIT_SCRIPT, Event, emit_args, events_key, parse_entries
 from .ingest import Line, request_from_json
 from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
 from .urls import mask_url
@@ -88,7 +90,7 @@ return 0
 """
 
 # KEYS[1] job hash, KEYS[2] state, KEYS[3] res, KEYS[4] req, KEYS[5] cid;
-# ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
+# KEYS[6] events; ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
 # ARGV[4] now, ARGV[5] retention seconds.
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 _FINISH = """
@@ -103,7 +105,7 @@ if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
   local final = 'completed'
   if c[5] == 'cancelling' then final = 'cancelled' end
   redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[4])
-  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 end
 return 1
 """
@@ -185,6 +187,8 @@ class JobStore:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
+        self._emit = client.register_script(EMIT_SCRIPT)
+        self.stream_maxlen = DEFAULT_STREAM_MAXLEN
 
     @classmethod
     def from_url(cls, url: str, retention: int = DEFAULT_RETENTION) -> "JobStore":
@@ -197,7 +201,7 @@ class JobStore:
         return f"{KEY_PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
     def _keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id, p) for p in ("", "state", "res", "req", "cid")]
+        return [self.key(job_id, p) for p in ("", "state", "res", "req", "cid", "events")]
 
     # -- creating a job -----------------------------------------------------
 
@@ -313,6 +317,23 @@ class JobStore:
     def request_states(self, job_id: str, indices: Iterable[int]) -> list[Optional[str]]:
         values = self.r.hmget(self.key(job_id, "state"), list(indices))
         return [v.decode() if v is not None else None for v in values]
+
+    # -- partial results ---------------------------------------------------------
+
+    @_wrap
+    def emit(self, events: Iterable[Event]) -> None:
+        """Append and publish ``events``, in order, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for event in events:
+            keys, args = emit_args(event, self.stream_maxlen, self.retention)
+            self._emit(keys=keys, args=args, client=pipe)
+        pipe.execute()
+
+    @_wrap
+    def read_events(self, job_id: str, after: str = "0-0", block_ms: Optional[int] = None) -> list[Event]:
+        """Events of ``job_id`` after Stream id ``after``; waits up to ``block_ms`` for one."""
+        reply = self.r.xread({events_key(job_id): after}, count=1000, block=block_ms)
+        return parse_entries(reply[0][1]) if reply else []
 
     # -- reading and steering a job ------------------------------------------
 

@@ -49,6 +49,7 @@ class Prepared:
     repetition_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
     seed: int
+    tail: str = ""  # the end of ``text`` that no StepEvent carried
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class _Slot:
     detokenizer: object
     generated: int = 0
     reason: Optional[str] = None
+    sent: int = 0  # characters of text already handed out in StepEvents
+
+    def generation(self, reason: str) -> Generation:
+        p = self.handle.prepared
+        text = self.detokenizer.text
+        return Generation(text, len(p.tokens), self.generated, reason, p.seed, tail=text[self.sent:])
 
 
 class Engine:
@@ -154,6 +162,7 @@ class Engine:
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=seed,
             repetition_penalty=request.repetition_penalty,
             frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+            stream=request.stream,
         )
 
     def submit(self, prepared: Prepared, tag: object = None) -> Handle:
@@ -247,7 +256,7 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        new = [h for h in new if not self._resolve_if_cancelled(h, 0)]
+        new = [h for h in new if not self._resolve_if_cancelled(h)]
         if not new:
             return
         ps = [h.prepared for h in new]
@@ -263,11 +272,13 @@ class Engine:
         for uid, handle in zip(uids, new):
             active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer)
 
-    def _resolve_if_cancelled(self, handle: Handle, generated: int, text: str = "") -> bool:
+    @staticmethod
+    def _resolve_if_cancelled(handle: Handle) -> bool:
+        """Resolve a request cancelled before it reached the batch."""
         if not handle.cancelled.is_set():
             return False
         p = handle.prepared
-        handle.future.set_result(Generation(text, len(p.tokens), generated, "cancelled", p.seed))
+        handle.future.set_result(Generation("", len(p.tokens), 0, "cancelled", p.seed))
         return True
 
     def _drop_cancelled(self, gen, active: dict[int, _Slot]) -> None:
@@ -278,7 +289,7 @@ class Engine:
         for uid in gone:
             slot = active.pop(uid)
             slot.detokenizer.finalize()
-            self._resolve_if_cancelled(slot.handle, slot.generated, slot.detokenizer.text)
+            slot.handle.future.set_result(slot.generation("cancelled"))
 
     def _collect(self, responses, active: dict[int, _Slot]) -> None:
         events: list[StepEvent] = []
@@ -295,15 +306,13 @@ class Engine:
                 slot.detokenizer.finalize()
                 del active[r.uid]
                 finished.append(slot)
-            if self.on_step is not None:
-                delta = slot.detokenizer.last_segment
-                if delta or r.finish_reason is not None:
-                    events.append(StepEvent(slot.handle, delta, slot.generated))
+            elif slot.handle.prepared.stream:
+                text = slot.detokenizer.text
+                if len(text) > slot.sent:
+                    events.append(StepEvent(slot.handle, text[slot.sent:], slot.generated))
+                    slot.sent = len(text)
         self.tokens_generated += len(responses)
-        if events:
+        if events and self.on_step is not None:
             self.on_step(events)
         for slot in finished:
-            p = slot.handle.prepared
-            slot.handle.future.set_result(
-                Generation(slot.detokenizer.text, len(p.tokens), slot.generated, slot.reason, p.seed)
-            )
+            slot.handle.future.set_result(slot.generation(slot.reason))

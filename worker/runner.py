@@ -8,10 +8,12 @@ from typing import Optional
 
 from jobs.defaults import DEFAULT_CANCEL_POLL
 from jobs.errors import EngineError
+from jobs.events import Event
 from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage
 from jobs.store import JobStore
 
-from .engine import Engine, Generation, RequestRejected
+from .engine import Engine, Generation, RequestRejected, StepEvent
+from .publisher import Publisher
 from .sampling import random_seed
 
 __all__ = ["Runner", "current_runner", "set_runner"]
@@ -35,10 +37,21 @@ def current_runner() -> "Runner":
 class Runner:
     """Glue between Celery's task threads, the job store and the engine."""
 
-    def __init__(self, store: JobStore, engine: Engine, cancel_poll: float = DEFAULT_CANCEL_POLL):
+    def __init__(
+        self, store: JobStore, engine: Engine, publisher: Publisher, cancel_poll: float = DEFAULT_CANCEL_POLL
+    ):
         self.store = store
         self.engine = engine
+        self.publisher = publisher
         self.cancel_poll = cancel_poll
+        engine.on_step = self.on_step
+
+    def on_step(self, steps: list[StepEvent]) -> None:
+        """Called by the engine thread: hand each step's new text to the publisher."""
+        self.publisher.put(
+            Event(job_id=s.handle.tag[0], index=s.handle.tag[1], custom_id=s.handle.tag[2], delta=s.delta)
+            for s in steps
+        )
 
     def run(self, job_id: str, index: int) -> str:
         claim = self.store.start(job_id, index)
@@ -58,6 +71,7 @@ class Runner:
             return self._end(
                 job_id, line.model_copy(update={"status": RequestStatus.CANCELLED}),
                 error=ErrorInfo(code="cancelled", message="the job was cancelled while this request ran"),
+                tail=generation.tail,
             )
         output = Output(
             response=generation.text,
@@ -68,7 +82,10 @@ class Runner:
             ),
             finish_reason=generation.finish_reason,
         )
-        return self._end(job_id, line.model_copy(update={"status": RequestStatus.COMPLETED, "result": output}))
+        return self._end(
+            job_id, line.model_copy(update={"status": RequestStatus.COMPLETED, "result": output}),
+            tail=generation.tail,
+        )
 
     def _wait(self, job_id: str, handle) -> Generation:
         while True:
@@ -78,9 +95,19 @@ class Runner:
                 if not handle.cancelled.is_set() and self.store.is_cancelling(job_id):
                     self.engine.cancel(handle)
 
-    def _end(self, job_id: str, line: ResultLine, error: Optional[ErrorInfo] = None) -> str:
+    def _end(self, job_id: str, line: ResultLine, error: Optional[ErrorInfo] = None, tail: str = "") -> str:
+        """Store the result once, then publish the request's end event."""
         if error is not None:
             line = line.model_copy(update={"error": error})
         if not self.store.finish(job_id, line):
             log.info("request %s of job %s had already ended; result kept", line.index, job_id)
+            return line.status.value
+        result = line.result
+        self.publisher.put([Event(
+            job_id=job_id, index=line.index, custom_id=line.custom_id, delta=tail, done=True,
+            status=line.status.value,
+            finish_reason=result.finish_reason if result else None,
+            usage=result.usage.model_dump() if result else None,
+            error=line.error.model_dump() if line.error else None,
+        )])
         return line.status.value

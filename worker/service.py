@@ -16,6 +16,7 @@ from .app import app, configure, queue_for
 from .blas import loaded_blas
 from .engine import Engine
 from .model import load_model
+from .publisher import Publisher
 from .runner import Runner, set_runner
 
 __all__ = ["build_runner", "serve", "running_worker"]
@@ -44,10 +45,17 @@ def build_runner(
     )
     store = JobStore.from_url(redis_url)
     store.ping()
-    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal).start()
-    runner = Runner(store, engine)
+    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal)
+    runner = Runner(store, engine, Publisher(store).start())
+    engine.start()
     set_runner(runner)
     return runner
+
+
+def stop_runner(runner: Runner) -> None:
+    runner.engine.stop()
+    runner.publisher.stop()
+    set_runner(None)
 
 
 def serve(redis_url: str, model: str, concurrency: int, model_dirs=None, loglevel: str = "INFO") -> int:
@@ -61,8 +69,7 @@ def serve(redis_url: str, model: str, concurrency: int, model_dirs=None, logleve
     try:
         worker.start()
     finally:
-        runner.engine.stop()
-        set_runner(None)
+        stop_runner(runner)
     if runner.engine.error is not None:
         return 70
     return worker.exitcode or 0
@@ -82,5 +89,4 @@ def running_worker(redis_url: str, model: str, concurrency: int = 4, **kwargs) -
         ):
             yield runner
     finally:
-        runner.engine.stop()
-        set_runner(None)
+        stop_runner(runner)

@@ -1,0 +1,111 @@
+"""``mlxq stream``: follow a job's partial results, replaying what came before."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from jobs.events import Event
+from jobs.store import JobStore
+
+from .common import store_from
+from .main import cli
+
+_TERMINAL = ("completed", "failed", "cancelled")
+
+
+class _Human:
+    """Each request's text as it grows, marked by index."""
+
+    def __init__(self):
+        self.open: int | None = None
+
+    def __call__(self, ev: Event) -> None:
+        if self.open != ev.index:
+            if self.open is not None:
+                click.echo()
+            click.echo(f"[{ev.index}] ", nl=False)
+            self.open = ev.index
+        click.echo(ev.delta, nl=False)
+        if ev.done:
+            how = ev.finish_reason or ev.status
+            tokens = f", {ev.usage['completion_tokens']} tokens" if ev.usage else ""
+            error = f": {ev.error['message']}" if ev.error else ""
+            click.echo(f"  <{how}{tokens}{error}>")
+            self.open = None
+
+
+def _sse(ev: Event) -> None:
+    if ev.delta:
+        click.echo(f"data: {json.dumps({'response': ev.delta}, ensure_ascii=False)}\n")
+    if ev.done and ev.error:
+        click.echo(f"mlxq: request {ev.index} {ev.status}: {ev.error['message']}", err=True)
+
+
+def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
+    """Print events until the job (or request ``index``) ends; True if it ended well."""
+    last = "0-0"
+    ok = True
+
+    def drain(block_ms: int):
+        nonlocal last, ok
+        seen_end = False
+        for ev in store.read_events(job, last, block_ms=block_ms):
+            last = ev.id
+            if index is not None and ev.index != index:
+                continue
+            show(ev)
+            if ev.done:
+                ok = ok and ev.status == "completed"
+                seen_end = seen_end or index is not None
+        return seen_end
+
+    while True:
+        if drain(1000):
+            return ok
+        if index is not None:
+            ended = store.request_states(job, [index])[0] in _TERMINAL
+        else:
+            ended = store.info(job).status.terminal
+        if ended:
+            # The end is stored before its event is sent: give the last events a moment.
+            while store.read_events(job, last, block_ms=300):
+                if drain(0):
+                    return ok
+            if index is not None:
+                line = next(l for l in store.results(job) if l.index == index)
+                if line.error:
+                    click.echo(f"mlxq: request {index} {line.status.value}: {line.error.message}", err=True)
+                return line.status.value == "completed"
+            return ok
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--index", type=click.IntRange(min=0), help="Follow only request INDEX (0-based).")
+@click.option("--sse", is_flag=True, help="Print Workers AI server-sent events: data: {\"response\": ...}, then data: [DONE].")
+@click.pass_context
+def stream(ctx, job, index, sse):
+    """Follow JOB's partial results live; a late start replays what it missed.
+
+    Requests with "stream": true arrive token by token; others arrive whole
+    when they end. Exits when the job (or request INDEX) has ended.
+
+    \b
+    Examples:
+      mlxq stream 3f2a...
+      mlxq stream 3f2a... --index 4 --sse
+    """
+    store = store_from(ctx)
+    info = store.info(job)
+    if sse and index is None:
+        if info.total != 1:
+            raise click.UsageError("--sse follows one request: give --index (the job has several)")
+        index = 0
+    if index is not None and index >= info.total:
+        raise click.BadParameter(f"the job has {info.total} requests (0..{info.total - 1})", param_hint="--index")
+    ok = _follow(store, job, index, _sse if sse else _Human())
+    if sse:
+        click.echo("data: [DONE]\n")
+    ctx.exit(0 if ok or index is None else 1)

@@ -1,0 +1,78 @@
+"""Partial results: events on Redis pub/sub, and the same events in a capped Stream.
+
+Every event is appended to the job's Stream (``mlxq:job:J:events``) and then
+published, with its Stream id, on the job's channel (``mlxq:job:J:events``)
+and the request's (``mlxq:job:J:events:I``). Pub/sub drops what nobody heard;
+the Stream keeps it, so a late follower replays it and then follows live by
+reading the Stream past the last id it saw: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from pydantic import BaseModel
+
+from .defaults import KEY_PREFIX
+
+__all__ = ["Event", "events_key", "job_channel", "request_channel", "EMIT_SCRIPT", "DEFAULT_STREAM_MAXLEN"]
+
+#: Entries a job's Stream keeps (approximately; older ones are trimmed).
+DEFAULT_STREAM_MAXLEN = 100_000
+
+
+class Event(BaseModel):
+    """New text of one request; the last event of a request carries ``done``."""
+
+    job_id: str
+    index: int
+    custom_id: str
+    delta: str = ""
+    done: bool = False
+    status: Optional[str] = None
+    finish_reason: Optional[str] = None
+    usage: Optional[dict[str, int]] = None
+    error: Optional[dict[str, str]] = None
+    id: Optional[str] = None  # the Stream id, set by Redis
+
+
+def events_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:job:{job_id}:events"
+
+
+def job_channel(job_id: str) -> str:
+    return events_key(job_id)
+
+
+def request_channel(job_id: str, index: int) -> str:
+    return f"{events_key(job_id)}:{index}"
+
+
+# KEYS[1] the job's event Stream; ARGV[1] the event JSON (an object without
+# "id"), ARGV[2] job channel, ARGV[3] request channel, ARGV[4] Stream max
+# length, ARGV[5] retention seconds. Appends, then publishes with the new id.
+EMIT_SCRIPT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+local msg = '{"id":"' .. id .. '",' .. string.sub(ARGV[1], 2)
+redis.call('PUBLISH', ARGV[2], msg)
+redis.call('PUBLISH', ARGV[3], msg)
+return id
+"""
+
+
+def emit_args(event: Event, maxlen: int, retention: int) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of :data:`EMIT_SCRIPT` for ``event``."""
+    body = event.model_dump_json(exclude={"id"}, exclude_none=True)
+    return [events_key(event.job_id)], [
+        body, job_channel(event.job_id), request_channel(event.job_id, event.index), maxlen, retention,
+    ]
+
+
+def parse_entries(entries: Iterable) -> list[Event]:
+    """Events from an XRANGE/XREAD reply of one Stream."""
+    out = []
+    for entry_id, fields in entries:
+        event = Event.model_validate_json(fields[b"e"])
+        out.append(event.model_copy(update={"id": entry_id.decode()}))
+    return out
