@@ -62,6 +62,27 @@ def cancel(ctx, job):
     click.echo(f"job {job}: {store_from(ctx).cancel(job).value}")
 
 
+@cli.command()
+@click.argument("job")
+@click.pass_context
+def retry(ctx, job):
+    """Queue JOB's failed requests again (not those whose input was invalid).
+
+    \b
+    Example:
+      mlxq retry 3f2a...
+    """
+    from worker.app import configure
+    from worker.tasks import enqueue
+
+    store = store_from(ctx)
+    indices = store.retry(job)
+    if indices:
+        configure(ctx.obj["redis_url"])
+        enqueue(job, indices, store.info(job).model)
+    click.echo(f"job {job}: {len(indices)} failed requests queued again")
+
+
 @cli.command(name="jobs")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")

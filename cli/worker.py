@@ -7,7 +7,10 @@ import sys
 
 import click
 
-from jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from jobs.defaults import (
+    DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, DEFAULT_TIME_LIMIT,
+    DEFAULT_VISIBILITY_TIMEOUT,
+)
 from jobs.urls import mask_url
 
 from .main import cli
@@ -24,8 +27,19 @@ from .main import cli
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--no-blas-setup", is_flag=True, envvar="MLXQ_NO_BLAS_SETUP",
               help="Do not switch MLX's CPU backend to OpenBLAS.")
+@click.option("--lease", type=click.FloatRange(min=0.5), default=DEFAULT_LEASE, show_default=True,
+              envvar="MLXQ_LEASE",
+              help="Seconds a running request's lease lasts unrenewed; a dead worker's requests run again after it.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
+              envvar="MLXQ_MAX_ATTEMPTS", help="Starts of a request (its worker dying each time) before it fails.")
+@click.option("--time-limit", type=click.FloatRange(min=0.1), default=DEFAULT_TIME_LIMIT, show_default=True,
+              envvar="MLXQ_TIME_LIMIT", help="Seconds one request may generate before it fails.")
+@click.option("--visibility-timeout", type=click.IntRange(min=1), default=DEFAULT_VISIBILITY_TIMEOUT,
+              show_default=True, envvar="MLXQ_VISIBILITY_TIMEOUT",
+              help="Seconds before the broker re-delivers an unacknowledged message (keep above --time-limit).")
 @click.pass_context
-def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup):
+def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
+           visibility_timeout):
     """Load MODEL once and generate the requests queued for it.
 
     Start as many workers, on as many machines, as you like against one Redis.
@@ -43,4 +57,8 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup):
     from worker.service import serve
 
     logging.getLogger("mlxq").info("connecting to %s", mask_url(ctx.obj["redis_url"]))
-    sys.exit(serve(ctx.obj["redis_url"], model, concurrency, model_dirs or None, loglevel.upper()))
+    sys.exit(serve(
+        ctx.obj["redis_url"], model, concurrency, loglevel=loglevel.upper(),
+        visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
+        lease=lease, max_attempts=max_attempts, time_limit=time_limit,
+    ))

@@ -32,6 +32,18 @@ KEY_PREFIX = "mlxq"
 #: How often a running request's task looks at its job for a cancellation.
 DEFAULT_CANCEL_POLL = 0.5
 
-#: Celery: the broker re-delivers a message unacknowledged for this long.
-#: Kept long so that a long generation is never handed to a second worker.
+#: Celery: the broker re-delivers a message unacknowledged for this long. Kept
+#: well above the time limit, so a running generation is not handed out twice;
+#: a re-delivery is a no-op anyway (the request's lease is live or it ended).
 DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
+
+#: A running request's lease: its worker renews it every quarter of this; when
+#: it lapses (the worker died), any live worker puts the request back in the
+#: queue. A dead worker's requests run again within about 1.25x this.
+DEFAULT_LEASE = 60.0
+
+#: Times a request may start (its worker dying each time) before it fails.
+DEFAULT_MAX_ATTEMPTS = 3
+
+#: Longest a single request may generate (seconds) before it fails.
+DEFAULT_TIME_LIMIT = 3600.0

@@ -37,10 +37,12 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Union members that pydantic names in an error's path; they are not fields.
+_UNION_MEMBERS = {"FunctionTool", "Tool"}
+
+
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith(("function-", "tagged-union"))]
-    # Union members show up in the path (e.g. "FunctionTool"); drop them.
-    parts = [p for p in parts if not p[:1].isupper()]
+    parts = [str(p) for p in loc if str(p) not in _UNION_MEMBERS]
     return ".".join(parts) or "(line)"
 
 

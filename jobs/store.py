@@ -17,6 +17,7 @@ Every change of state that touches more than one key is one Lua script.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import secrets
 import time
@@ -25,16 +26,18 @@ from typing import Any, Iterable, Iterator, Optional
 
 import redis
 
-from .defaults import DEFAULT_RETENTION, KEY_PREFIX
+from .defaults import DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETENTION, KEY_PREFIX
 from .errors import JobNotFound, StoreError
 from .events import DEFAULT_STREAM_MAXLEN, EMIT_SCRIPT, Event, emit_args, events_key, parse_entries
 from .ingest import Line, request_from_json
+from . import scripts
 from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
 from .urls import mask_url
 
 __all__ = ["JobStore", "JobInfo", "Start", "connect"]
 
 _CHUNK = 1000
+LEASES = f"{KEY_PREFIX}:leases"
 
 
 def connect(url: str) -> redis.Redis:
@@ -57,6 +60,17 @@ def connect(url: str) -> redis.Redis:
 def _wrap(method):
     """Turn Redis exceptions into :class:`StoreError` naming the (masked) server."""
 
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def gen_wrapper(self: "JobStore", *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except redis.RedisError as exc:
+                raise StoreError(f"Redis at {self.where}: {exc}") from exc
+
+        return gen_wrapper
+
     @functools.wraps(method)
     def wrapper(self: "JobStore", *args, **kwargs):
         try:
@@ -65,74 +79,6 @@ def _wrap(method):
             raise StoreError(f"Redis at {self.where}: {exc}") from exc
 
     return wrapper
-
-
-# KEYS[1] job hash, KEYS[2] state hash; ARGV[1] index, ARGV[2] now.
-# Returns 1 when the request moved queued -> running, 2 when it was already
-# running (a re-delivered message), 0 when it must not run, -1 no such job.
-_START = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return -1 end
-if st == 'cancelling' or st == 'cancelled' then return 0 end
-local s = redis.call('HGET', KEYS[2], ARGV[1])
-if s == 'queued' then
-  redis.call('HSET', KEYS[2], ARGV[1], 'running')
-  redis.call('HINCRBY', KEYS[1], 'queued', -1)
-  redis.call('HINCRBY', KEYS[1], 'running', 1)
-  if st == 'queued' then
-    redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
-  end
-  return 1
-elseif s == 'running' then
-  return 2
-end
-return 0
-"""
-
-# KEYS[1] job hash, KEYS[2] state, KEYS[3] res, KEYS[4] req, KEYS[5] cid;
-# KEYS[6] events; ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
-# ARGV[4] now, ARGV[5] retention seconds.
-# Returns 1 when recorded, 0 when the request had already ended (no change).
-_FINISH = """
-local s = redis.call('HGET', KEYS[2], ARGV[1])
-if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[1], s, -1)
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-local c = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed', 'cancelled', 'status')
-if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
-  local final = 'completed'
-  if c[5] == 'cancelling' then final = 'cancelled' end
-  redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[4])
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-end
-return 1
-"""
-
-# KEYS[1] job hash, KEYS[2] state; ARGV[1] now.
-# Queued requests become cancelled; the job becomes cancelling while some
-# request still runs, else cancelled. Returns the job's status, or nil.
-_CANCEL = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return nil end
-if st == 'completed' or st == 'cancelled' then return st end
-local states = redis.call('HGETALL', KEYS[2])
-local n = 0
-for i = 1, #states, 2 do
-  if states[i + 1] == 'queued' then
-    redis.call('HSET', KEYS[2], states[i], 'cancelled')
-    n = n + 1
-  end
-end
-redis.call('HINCRBY', KEYS[1], 'queued', -n)
-redis.call('HINCRBY', KEYS[1], 'cancelled', n)
-local final = 'cancelling'
-if tonumber(redis.call('HGET', KEYS[1], 'running')) == 0 then final = 'cancelled' end
-redis.call('HSET', KEYS[1], 'status', final)
-if final == 'cancelled' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[1]) end
-return final
-"""
 
 
 @dataclass(frozen=True)
@@ -175,6 +121,7 @@ class Start:
 
     run: bool
     redelivered: bool = False
+    exhausted: bool = False  # it used up its attempts: record its failure
 
 
 class JobStore:
@@ -184,9 +131,11 @@ class JobStore:
         self.r = client
         self.retention = retention
         self.where = where
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
+        self._start = client.register_script(scripts.START)
+        self._finish = client.register_script(scripts.FINISH)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._requeue = client.register_script(scripts.REQUEUE)
+        self._retry = client.register_script(scripts.RETRY)
         self._emit = client.register_script(EMIT_SCRIPT)
         self.stream_maxlen = DEFAULT_STREAM_MAXLEN
 
@@ -201,7 +150,14 @@ class JobStore:
         return f"{KEY_PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
     def _keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id, p) for p in ("", "state", "res", "req", "cid", "events")]
+        """The KEYS every script of :mod:`jobs.scripts` takes, in their order."""
+        parts = ("", "state", "res", "req", "cid", "events", "attempts")
+        return [self.key(job_id, p) for p in parts] + [LEASES]
+
+    @staticmethod
+    def member(job_id: str, index: int) -> str:
+        """A request's member in the lease set."""
+        return f"{job_id}:{index}"
 
     # -- creating a job -----------------------------------------------------
 
@@ -218,17 +174,17 @@ class JobStore:
     def add_lines(self, job_id: str, lines: list[Line]) -> tuple[int, int]:
         """Store a batch of parsed lines; returns (valid, invalid).
 
-        A line whose explicit ``custom_id`` repeats an earlier line's fails.
+        A line whose ``custom_id`` repeats an earlier line's fails.
         """
         state, res, req, cid = (self.key(job_id, p) for p in ("state", "res", "req", "cid"))
-        explicit = [line for line in lines if line.explicit_id and line.request is not None]
+        valid_lines = [line for line in lines if line.request is not None]
         first: dict[int, int] = {}
-        if explicit:
+        if valid_lines:
             pipe = self.r.pipeline(transaction=False)
-            for line in explicit:
+            for line in valid_lines:
                 pipe.hsetnx(cid, line.custom_id, line.index)
             fresh = pipe.execute()
-            dup = [line for line, ok in zip(explicit, fresh) if not ok]
+            dup = [line for line, ok in zip(valid_lines, fresh) if not ok]
             if dup:
                 owners = self.r.hmget(cid, [line.custom_id for line in dup])
                 first = {line.index: int(o) for line, o in zip(dup, owners)}
@@ -237,8 +193,9 @@ class JobStore:
         for line in lines:
             error = line.error
             if line.index in first:
+                why = "" if line.explicit_id else " (its line number, as it gives none)"
                 error = (
-                    f"line {line.lineno}: field 'custom_id': {line.custom_id!r} repeats the id "
+                    f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id "
                     f"of request {first[line.index]}"
                 )
             if error is None:
@@ -269,10 +226,10 @@ class JobStore:
             mapping={
                 "status": JobStatus.QUEUED.value, "model": model, "created_at": repr(now),
                 "total": total, "queued": valid, "running": 0, "completed": 0,
-                "failed": total - valid, "cancelled": 0,
+                "failed": total - valid, "cancelled": 0, "retention": self.retention,
             },
         )
-        for k in self._keys(job_id):
+        for k in self._keys(job_id)[:7]:
             pipe.expire(k, self.retention)
         pipe.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
         pipe.execute()
@@ -280,14 +237,20 @@ class JobStore:
 
     @_wrap
     def discard(self, job_id: str) -> None:
-        self.r.delete(*self._keys(job_id))
+        self.r.delete(*self._keys(job_id)[:7])
 
     # -- running requests ---------------------------------------------------
 
     @_wrap
-    def start(self, job_id: str, index: int) -> Start:
-        outcome = self._start(keys=self._keys(job_id)[:2], args=[index, repr(time.time())])
-        return Start(run=outcome in (1, 2), redelivered=outcome == 2)
+    def start(
+        self, job_id: str, index: int, lease: float = DEFAULT_LEASE, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    ) -> Start:
+        """Claim request ``index`` for this worker under a lease of ``lease`` seconds."""
+        outcome = self._start(
+            keys=self._keys(job_id),
+            args=[index, repr(time.time()), lease, max_attempts, self.member(job_id, index)],
+        )
+        return Start(run=outcome in (1, 2), redelivered=outcome == 2, exhausted=outcome == -2)
 
     @_wrap
     def load_request(self, job_id: str, index: int) -> tuple[str, Request]:
@@ -300,8 +263,46 @@ class JobStore:
     @_wrap
     def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
         """Record a request's end once; a second call for it changes nothing."""
-        args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()), self.retention]
+        args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()),
+                self.member(job_id, line.index)]
         return self._finish(keys=self._keys(job_id), args=args, client=pipeline) == 1
+
+    # -- leases -------------------------------------------------------------------
+
+    @_wrap
+    def renew(self, members: Iterable[str], lease: float) -> None:
+        """Push back the lapse of these leases (those that still exist)."""
+        members = list(members)
+        if members:
+            until = time.time() + lease
+            self.r.zadd(LEASES, {m: until for m in members}, xx=True)
+
+    @_wrap
+    def lapsed(self, limit: int = 100) -> list[tuple[str, int]]:
+        """(job_id, index) of requests whose lease has lapsed: their worker is gone."""
+        members = self.r.zrangebyscore(LEASES, "-inf", repr(time.time()), start=0, num=limit)
+        out = []
+        for m in members:
+            job_id, _, index = m.decode().rpartition(":")
+            out.append((job_id, int(index)))
+        return out
+
+    @_wrap
+    def requeue(self, job_id: str, index: int) -> bool:
+        """Put a request with a lapsed lease back in the queue; True if it must be sent again."""
+        outcome = self._requeue(
+            keys=self._keys(job_id), args=[index, repr(time.time()), self.member(job_id, index)]
+        )
+        return outcome == 1
+
+    @_wrap
+    def retry(self, job_id: str) -> list[int]:
+        """Queue the failed requests of ``job_id`` again (not those with invalid input)."""
+        retention = self.r.hget(self.key(job_id), "retention") or self.retention
+        out = self._retry(keys=self._keys(job_id), args=[int(retention)])
+        if out is None:
+            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+        return sorted(int(i) for i in out)
 
     @_wrap
     def model_of(self, job_id: str) -> Optional[str]:
@@ -358,7 +359,7 @@ class JobStore:
 
     @_wrap
     def cancel(self, job_id: str) -> JobStatus:
-        status = self._cancel(keys=self._keys(job_id)[:2], args=[repr(time.time())])
+        status = self._cancel(keys=self._keys(job_id), args=[repr(time.time())])
         if status is None:
             raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
         return JobStatus(status.decode())

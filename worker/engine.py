@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -59,7 +60,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "timeout"
     seed: int
     tail: str = ""  # the end of ``text`` that no StepEvent carried
 
@@ -93,6 +94,7 @@ class _Slot:
     generated: int = 0
     reason: Optional[str] = None
     sent: int = 0  # characters of text already handed out in StepEvents
+    deadline: float = float("inf")
 
     def generation(self, reason: str) -> Generation:
         p = self.handle.prepared
@@ -109,9 +111,11 @@ class Engine:
         width: int = 32,
         on_step: Optional[Callable[[list[StepEvent]], None]] = None,
         on_fatal: Optional[Callable[[BaseException], None]] = None,
+        time_limit: float = float("inf"),
     ):
         self.loaded = loaded
         self.width = width
+        self.time_limit = time_limit
         self.on_step = on_step
         self.on_fatal = on_fatal
         self._inbox: "queue.SimpleQueue[Optional[Handle]]" = queue.SimpleQueue()
@@ -236,7 +240,7 @@ class Engine:
         try:
             while not self._stop.is_set():
                 self._admit(gen, active, block=not active)
-                self._drop_cancelled(gen, active)
+                self._drop_stopped(gen, active)
                 if not active:
                     continue
                 _, responses = gen.next()
@@ -269,8 +273,9 @@ class Engine:
                 for p in ps
             ],
         )
+        deadline = time.monotonic() + self.time_limit
         for uid, handle in zip(uids, new):
-            active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer)
+            active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer, deadline=deadline)
 
     @staticmethod
     def _resolve_if_cancelled(handle: Handle) -> bool:
@@ -281,15 +286,18 @@ class Engine:
         handle.future.set_result(Generation("", len(p.tokens), 0, "cancelled", p.seed))
         return True
 
-    def _drop_cancelled(self, gen, active: dict[int, _Slot]) -> None:
-        gone = [uid for uid, s in active.items() if s.handle.cancelled.is_set()]
+    def _drop_stopped(self, gen, active: dict[int, _Slot]) -> None:
+        """Free the slots of cancelled requests and of those past the time limit."""
+        now = time.monotonic()
+        gone = {uid: "cancelled" for uid, s in active.items() if s.handle.cancelled.is_set()}
+        gone.update({uid: "timeout" for uid, s in active.items() if s.deadline < now and uid not in gone})
         if not gone:
             return
-        gen.remove(gone)
-        for uid in gone:
+        gen.remove(list(gone))
+        for uid, why in gone.items():
             slot = active.pop(uid)
             slot.detokenizer.finalize()
-            slot.handle.future.set_result(slot.generation("cancelled"))
+            slot.handle.future.set_result(slot.generation(why))
 
     def _collect(self, responses, active: dict[int, _Slot]) -> None:
         events: list[StepEvent] = []

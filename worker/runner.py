@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
-from jobs.defaults import DEFAULT_CANCEL_POLL
-from jobs.errors import EngineError
+from jobs.defaults import DEFAULT_CANCEL_POLL, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS
+from jobs.errors import EngineError, StoreError
 from jobs.events import Event
 from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage
 from jobs.store import JobStore
@@ -19,6 +21,8 @@ from .sampling import random_seed
 __all__ = ["Runner", "current_runner", "set_runner"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _runner: Optional["Runner"] = None
 
@@ -38,13 +42,31 @@ class Runner:
     """Glue between Celery's task threads, the job store and the engine."""
 
     def __init__(
-        self, store: JobStore, engine: Engine, publisher: Publisher, cancel_poll: float = DEFAULT_CANCEL_POLL
+        self,
+        store: JobStore,
+        engine: Engine,
+        publisher: Publisher,
+        lease: float = DEFAULT_LEASE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        cancel_poll: float = DEFAULT_CANCEL_POLL,
+        redis_patience: float = 300.0,
     ):
         self.store = store
         self.engine = engine
         self.publisher = publisher
+        self.lease = lease
+        self.max_attempts = max_attempts
         self.cancel_poll = cancel_poll
+        self.redis_patience = redis_patience
+        self._running: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self.keeper = None  # the LeaseKeeper, set by worker.service
         engine.on_step = self.on_step
+
+    def running(self) -> list[str]:
+        """Lease members of the requests this worker is running now."""
+        with self._lock:
+            return [self.store.member(j, i) for j, i in self._running]
 
     def on_step(self, steps: list[StepEvent]) -> None:
         """Called by the engine thread: hand each step's new text to the publisher."""
@@ -53,18 +75,52 @@ class Runner:
             for s in steps
         )
 
+    def _patiently(self, what: str, fn: Callable[[], T]) -> T:
+        """Call ``fn``, retrying with backoff while Redis is unreachable (a restart)."""
+        deadline = time.monotonic() + self.redis_patience
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except StoreError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def run(self, job_id: str, index: int) -> str:
-        claim = self.store.start(job_id, index)
-        if not claim.run:
+        claim = self._patiently("claiming a request", lambda: self.store.start(
+            job_id, index, self.lease, self.max_attempts))
+        if not (claim.run or claim.exhausted):
             return "skipped"
-        custom_id, request = self.store.load_request(job_id, index)
+        custom_id, request = self._patiently("loading a request", lambda: self.store.load_request(job_id, index))
         line = ResultLine(index=index, custom_id=custom_id, status=RequestStatus.FAILED)
+        if claim.exhausted:
+            return self._end(job_id, line, error=ErrorInfo(
+                code="attempts_exhausted",
+                message=f"gave up after {self.max_attempts} attempts: its worker died each time",
+            ))
+        if claim.redelivered:
+            log.warning("request %s of job %s: its worker died; running it again", index, job_id)
+        with self._lock:
+            self._running.add((job_id, index))
+        try:
+            return self._generate(job_id, line, request)
+        finally:
+            with self._lock:
+                self._running.discard((job_id, index))
+
+    def _generate(self, job_id: str, line: ResultLine, request) -> str:
         try:
             prepared = self.engine.prepare(request, request.seed or random_seed())
         except RequestRejected as exc:
             return self._end(job_id, line, error=ErrorInfo(code="invalid_request", message=str(exc)))
+        except Exception as exc:  # a tokenizer or template bug fails this request alone
+            log.exception("preparing request %s of job %s failed", line.index, job_id)
+            return self._end(job_id, line, error=ErrorInfo(code="engine_error", message=f"{type(exc).__name__}: {exc}"))
         try:
-            generation = self._wait(job_id, self.engine.submit(prepared, tag=(job_id, index, custom_id)))
+            generation = self._wait(job_id, self.engine.submit(prepared, tag=(job_id, line.index, line.custom_id)))
         except EngineError as exc:
             return self._end(job_id, line, error=ErrorInfo(code="engine_error", message=str(exc)))
         if generation.finish_reason == "cancelled":
@@ -73,6 +129,12 @@ class Runner:
                 error=ErrorInfo(code="cancelled", message="the job was cancelled while this request ran"),
                 tail=generation.tail,
             )
+        if generation.finish_reason == "timeout":
+            return self._end(job_id, line, tail=generation.tail, error=ErrorInfo(
+                code="timeout",
+                message=f"stopped after the time limit of {self.engine.time_limit:g}s "
+                        f"({generation.completion_tokens} tokens generated)",
+            ))
         output = Output(
             response=generation.text,
             usage=Usage(
@@ -92,16 +154,20 @@ class Runner:
             try:
                 return handle.result(timeout=self.cancel_poll)
             except FutureTimeout:
-                if not handle.cancelled.is_set() and self.store.is_cancelling(job_id):
+                try:
+                    cancelling = self.store.is_cancelling(job_id)
+                except StoreError:
+                    continue  # Redis is restarting: keep generating
+                if cancelling and not handle.cancelled.is_set():
                     self.engine.cancel(handle)
 
     def _end(self, job_id: str, line: ResultLine, error: Optional[ErrorInfo] = None, tail: str = "") -> str:
         """Store the result once, then publish the request's end event."""
         if error is not None:
             line = line.model_copy(update={"error": error})
-        if not self.store.finish(job_id, line):
+        if not self._patiently("storing a result", lambda: self.store.finish(job_id, line)):
             log.info("request %s of job %s had already ended; result kept", line.index, job_id)
-            return line.status.value
+            return "skipped"
         result = line.result
         self.publisher.put([Event(
             job_id=job_id, index=line.index, custom_id=line.custom_id, delta=tail, done=True,

@@ -9,15 +9,17 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
+from jobs.defaults import DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT
 from jobs.store import JobStore
 
-from . import tasks  # noqa: F401  (registers the task with the app)
 from .app import app, configure, queue_for
 from .blas import loaded_blas
 from .engine import Engine
+from .leases import LeaseKeeper
 from .model import load_model
 from .publisher import Publisher
 from .runner import Runner, set_runner
+from .tasks import enqueue
 
 __all__ = ["build_runner", "serve", "running_worker"]
 
@@ -37,6 +39,9 @@ def build_runner(
     model_dirs: Optional[Sequence[str]] = None,
     force_cpu: bool = False,
     on_fatal=_die,
+    lease: float = DEFAULT_LEASE,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    time_limit: float = DEFAULT_TIME_LIMIT,
 ) -> Runner:
     loaded = load_model(model, model_dirs, force_cpu=force_cpu)
     log.info(
@@ -45,8 +50,9 @@ def build_runner(
     )
     store = JobStore.from_url(redis_url)
     store.ping()
-    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal)
-    runner = Runner(store, engine, Publisher(store).start())
+    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit)
+    runner = Runner(store, engine, Publisher(store).start(), lease=lease, max_attempts=max_attempts)
+    runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease).start()
     engine.start()
     set_runner(runner)
     return runner
@@ -54,14 +60,21 @@ def build_runner(
 
 def stop_runner(runner: Runner) -> None:
     runner.engine.stop()
+    runner.keeper.stop()
     runner.publisher.stop()
     set_runner(None)
 
 
-def serve(redis_url: str, model: str, concurrency: int, model_dirs=None, loglevel: str = "INFO") -> int:
+def serve(
+    redis_url: str, model: str, concurrency: int, loglevel: str = "INFO",
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, **options,
+) -> int:
     """Run a worker in this process until it is told to stop; returns its exit code."""
-    runner = build_runner(redis_url, model, concurrency, model_dirs)
-    configure(redis_url)
+    runner = build_runner(redis_url, model, concurrency, **options)
+    if visibility_timeout < runner.engine.time_limit:
+        log.warning("the visibility timeout (%ss) is shorter than the time limit (%ss): Celery will "
+                    "re-deliver long requests (a no-op, but wasted work)", visibility_timeout, runner.engine.time_limit)
+    configure(redis_url, visibility_timeout)
     worker = app.Worker(
         pool="threads", concurrency=concurrency, queues=[queue_for(model)],
         loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,

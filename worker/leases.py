@@ -1,0 +1,67 @@
+"""Keep this worker's leases alive, and re-queue the requests of dead workers.
+
+A running request holds a lease in Redis. This thread renews the leases of
+the requests its worker runs; a worker killed mid-generation stops renewing,
+so its leases lapse, and the next look by any live worker's keeper puts those
+requests back in the queue (atomically, so only one keeper does) and sends
+them to the model's Celery queue again. Celery's own re-delivery of the dead
+worker's messages comes much later (the visibility timeout) and finds the
+requests ended: a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterable
+
+from jobs.errors import StoreError
+from jobs.store import JobStore
+
+__all__ = ["LeaseKeeper"]
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        store: JobStore,
+        running: Callable[[], list[str]],
+        send: Callable[[str, Iterable[int], str], int],
+        lease: float,
+    ):
+        self.store = store
+        self.running = running
+        self.send = send
+        self.lease = lease
+        self.interval = max(0.2, min(lease / 4, 15.0))
+        self.requeued = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlxq-leases", daemon=True)
+
+    def start(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except StoreError as exc:
+                log.warning("lease upkeep failed (will retry): %s", exc)
+
+    def tick(self) -> None:
+        self.store.renew(self.running(), self.lease)
+        for job_id, index in self.store.lapsed():
+            if self.store.requeue(job_id, index):
+                model = self.store.model_of(job_id)
+                if model is not None:
+                    self.send(job_id, [index], model)
+                    self.requeued += 1
+                    log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued",
+                                index, job_id)
