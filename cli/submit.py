@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from jobs.defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MODEL
+from jobs.defaults import (
+    DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
+)
 from jobs.errors import InputError
 from jobs.ingest import read_lines
 from jobs.store import JobStore
@@ -16,10 +18,18 @@ _BATCH = 500
 _SHOWN = 10
 
 
-def ingest(store: JobStore, path: str, model: str, max_line_bytes: int, max_requests: int):
-    """Store every line of ``path`` under a new job; returns (info, invalid, errors shown)."""
+def ingest(
+    store: JobStore, path: str, model: str,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+):
+    """Store every line of ``path`` under a new job; returns (info, invalid, errors shown).
+
+    Nothing is left behind when the file is refused (a limit, or no valid line).
+    """
     job_id = store.new_job_id()
-    total = valid = 0
+    total = valid = tokens = 0
     errors: list[str] = []
     batch = []
     try:
@@ -31,6 +41,14 @@ def ingest(store: JobStore, path: str, model: str, max_line_bytes: int, max_requ
                         "(set --max-requests to raise it, or split the file)"
                     )
                 total += 1
+                if line.request is not None:
+                    tokens += line.request.max_tokens
+                    if tokens > max_total_tokens:
+                        raise InputError(
+                            f"{path}: line {line.lineno}: the job's requests ask for more than the limit of "
+                            f"{max_total_tokens} tokens in all (sum of max_tokens; set --max-total-tokens "
+                            "to raise it, or split the file)"
+                        )
                 if line.error and len(errors) < _SHOWN:
                     errors.append(line.error)
                 batch.append(line)
@@ -60,8 +78,12 @@ def ingest(store: JobStore, path: str, model: str, max_line_bytes: int, max_requ
               envvar="MLXQ_MAX_LINE_BYTES", help="Longest accepted line.")
 @click.option("--max-requests", type=click.IntRange(min=1), default=DEFAULT_MAX_REQUESTS, show_default=True,
               envvar="MLXQ_MAX_REQUESTS", help="Most requests in one job.")
+@click.option("--max-total-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_TOTAL_TOKENS,
+              show_default=True, envvar="MLXQ_MAX_TOTAL_TOKENS", help="Most tokens (sum of max_tokens) in one job.")
+@click.option("--retention", type=click.IntRange(min=60), default=DEFAULT_RETENTION, show_default=True,
+              envvar="MLXQ_RETENTION", help="Seconds the job and its results are kept after it ends.")
 @click.pass_context
-def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests):
+def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens, retention):
     """Validate FILE (JSONL, one request per line) and queue it.
 
     Bad lines fail alone, each with an error naming its line and field; the
@@ -75,7 +97,8 @@ def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests):
     from worker.tasks import enqueue
 
     store = store_from(ctx)
-    info, invalid, errors = ingest(store, file, model, max_line_bytes, max_requests)
+    store.retention = retention
+    info, invalid, errors = ingest(store, file, model, max_line_bytes, max_requests, max_total_tokens)
     configure(ctx.obj["redis_url"])
     enqueue(info.job_id, store.queued_indices(info.job_id), model)
     for message in errors:

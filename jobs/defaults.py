@@ -21,6 +21,7 @@ DEFAULT_RETENTION = 7 * 24 * 3600
 #: Ingest limits; each is reported in the error when hit.
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_REQUESTS = 1_000_000
+DEFAULT_MAX_TOTAL_TOKENS = 1_000_000_000
 
 #: Sampling defaults from the seed schema.
 DEFAULT_MAX_TOKENS = 256
