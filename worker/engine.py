@@ -19,21 +19,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from jobs.errors import EngineError
-from jobs.models import MessagesRequest, Request
+from jobs.models import Request
 
+from .errors import EngineStopped, RequestRejected
 from .model import LoadedModel
+from .prompts import render_prompt
 
 __all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRejected"]
 
 log = logging.getLogger(__name__)
-
-
-class RequestRejected(EngineError):
-    """This request cannot run on this model (too long, unsupported option)."""
-
-
-class EngineStopped(EngineError):
-    """The engine stopped before the request ended."""
 
 
 @dataclass(frozen=True)
@@ -129,22 +123,7 @@ class Engine:
 
     def render(self, request: Request) -> str:
         """The exact prompt text the model is given for ``request``."""
-        tok = self.loaded.tokenizer
-        if isinstance(request, MessagesRequest):
-            messages = [m.model_dump() for m in request.messages]
-            tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-            kwargs = {"tools": tools} if tools else {}
-        elif request.raw:
-            return request.prompt
-        else:
-            messages, kwargs = [{"role": "user", "content": request.prompt}], {}
-        if getattr(tok, "chat_template", None) is None:
-            # A base model without a template: plain concatenation.
-            return "\n".join(m["content"] for m in messages) + "\n"
-        try:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-        except Exception as exc:  # jinja raises whatever the template raises
-            raise RequestRejected(f"the model's chat template failed: {exc}") from exc
+        return render_prompt(self.loaded.tokenizer, request)
 
     def prepare(self, request: Request, seed: int) -> Prepared:
         """Render and tokenize ``request``; raises :class:`RequestRejected`."""
