@@ -54,7 +54,7 @@ return 1
 """
 
 # ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
-# ARGV[4] now, ARGV[5] lease member.
+# ARGV[4] now, ARGV[5] lease member, ARGV[6] tokens generated.
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 FINISH = _SETTLE + """
 local idx = ARGV[1]
@@ -65,6 +65,7 @@ redis.call('HSET', KEYS[3], idx, ARGV[3])
 redis.call('HINCRBY', KEYS[1], s, -1)
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 redis.call('ZREM', KEYS[8], ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[6])
 settle(ARGV[4])
 return 1
 """
@@ -93,13 +94,14 @@ settle(ARGV[1])
 return redis.call('HGET', KEYS[1], 'status')
 """
 
-# ARGV[1] index, ARGV[2] now, ARGV[3] lease member.
-# A lapsed lease: its request goes back to queued (1; the caller sends it
-# again) or, in a cancelling job, ends cancelled (2). 0: the lease was renewed
-# or is gone, nothing to do.
+# ARGV[1] index, ARGV[2] now, ARGV[3] lease member, ARGV[4] '1' to release a
+# request this worker holds (it is shutting down) rather than a lapsed one.
+# The request goes back to queued (1; the caller sends it again) or, in a
+# cancelling job, ends cancelled (2). 0: the lease was renewed or is gone.
 REQUEUE = _SETTLE + """
 local lapses = redis.call('ZSCORE', KEYS[8], ARGV[3])
-if not lapses or tonumber(lapses) > tonumber(ARGV[2]) then return 0 end
+if not lapses then return 0 end
+if ARGV[4] ~= '1' and tonumber(lapses) > tonumber(ARGV[2]) then return 0 end
 redis.call('ZREM', KEYS[8], ARGV[3])
 local idx = ARGV[1]
 if redis.call('HGET', KEYS[2], idx) ~= 'running' then return 0 end

@@ -95,6 +95,11 @@ class JobInfo:
     cancelled: int
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    tokens: int = 0  # generated so far, over the job's ended requests
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed + self.cancelled
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +109,7 @@ class JobInfo:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "tokens": self.tokens,
             "counts": {
                 "total": self.total,
                 "queued": self.queued,
@@ -263,8 +269,9 @@ class JobStore:
     @_wrap
     def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
         """Record a request's end once; a second call for it changes nothing."""
+        tokens = line.result.usage.completion_tokens if line.result else 0
         args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()),
-                self.member(job_id, line.index)]
+                self.member(job_id, line.index), tokens]
         return self._finish(keys=self._keys(job_id), args=args, client=pipeline) == 1
 
     # -- leases -------------------------------------------------------------------
@@ -288,10 +295,12 @@ class JobStore:
         return out
 
     @_wrap
-    def requeue(self, job_id: str, index: int) -> bool:
-        """Put a request with a lapsed lease back in the queue; True if it must be sent again."""
+    def requeue(self, job_id: str, index: int, release: bool = False) -> bool:
+        """Put a request with a lapsed lease (or, with ``release``, one this worker
+        holds) back in the queue; True if it must be sent again."""
         outcome = self._requeue(
-            keys=self._keys(job_id), args=[index, repr(time.time()), self.member(job_id, index)]
+            keys=self._keys(job_id),
+            args=[index, repr(time.time()), self.member(job_id, index), "1" if release else "0"],
         )
         return outcome == 1
 
@@ -352,7 +361,7 @@ class JobStore:
             job_id=job_id, status=JobStatus(d["status"]), model=d.get("model", ""),
             created_at=float(d["created_at"]), total=num("total"), queued=num("queued"),
             running=num("running"), completed=num("completed"), failed=num("failed"),
-            cancelled=num("cancelled"),
+            cancelled=num("cancelled"), tokens=num("tokens"),
             started_at=float(d["started_at"]) if "started_at" in d else None,
             finished_at=float(d["finished_at"]) if "finished_at" in d else None,
         )

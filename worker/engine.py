@@ -175,6 +175,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new requests can run here (not stopping, not failed)."""
+        return self.alive and not self._stop.is_set() and self.error is None
+
     # -- the engine thread ------------------------------------------------------
 
     def _run(self) -> None:

@@ -6,7 +6,9 @@ import logging
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterable, Optional, TypeVar
+
+from celery.exceptions import Reject
 
 from jobs.defaults import DEFAULT_CANCEL_POLL, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS
 from jobs.errors import EngineError, StoreError
@@ -14,7 +16,8 @@ from jobs.events import Event
 from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage
 from jobs.store import JobStore
 
-from .engine import Engine, Generation, RequestRejected, StepEvent
+from .engine import Engine, Generation, StepEvent
+from .errors import EngineStopped, RequestRejected
 from .publisher import Publisher
 from .sampling import random_seed
 
@@ -46,6 +49,7 @@ class Runner:
         store: JobStore,
         engine: Engine,
         publisher: Publisher,
+        send: Callable[[str, Iterable[int], str], int],
         lease: float = DEFAULT_LEASE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         cancel_poll: float = DEFAULT_CANCEL_POLL,
@@ -54,6 +58,7 @@ class Runner:
         self.store = store
         self.engine = engine
         self.publisher = publisher
+        self.send = send
         self.lease = lease
         self.max_attempts = max_attempts
         self.cancel_poll = cancel_poll
@@ -90,6 +95,9 @@ class Runner:
                 delay = min(delay * 2, 5.0)
 
     def run(self, job_id: str, index: int) -> str:
+        if not self.engine.accepting:
+            # Shutting down: hand the message back to the broker for another worker.
+            raise Reject("the worker is shutting down", requeue=True)
         claim = self._patiently("claiming a request", lambda: self.store.start(
             job_id, index, self.lease, self.max_attempts))
         if not (claim.run or claim.exhausted):
@@ -121,6 +129,8 @@ class Runner:
             return self._end(job_id, line, error=ErrorInfo(code="engine_error", message=f"{type(exc).__name__}: {exc}"))
         try:
             generation = self._wait(job_id, self.engine.submit(prepared, tag=(job_id, line.index, line.custom_id)))
+        except EngineStopped:
+            return self._release(job_id, line.index)
         except EngineError as exc:
             return self._end(job_id, line, error=ErrorInfo(code="engine_error", message=str(exc)))
         if generation.finish_reason == "cancelled":
@@ -160,6 +170,15 @@ class Runner:
                     continue  # Redis is restarting: keep generating
                 if cancelling and not handle.cancelled.is_set():
                     self.engine.cancel(handle)
+
+    def _release(self, job_id: str, index: int) -> str:
+        """The worker is stopping: put the request back in the queue, unharmed."""
+        if self._patiently("releasing a request", lambda: self.store.requeue(job_id, index, release=True)):
+            model = self.store.model_of(job_id)
+            if model is not None:
+                self.send(job_id, [index], model)
+        log.info("request %s of job %s: released for another worker", index, job_id)
+        return "released"
 
     def _end(self, job_id: str, line: ResultLine, error: Optional[ErrorInfo] = None, tail: str = "") -> str:
         """Store the result once, then publish the request's end event."""

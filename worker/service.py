@@ -51,7 +51,7 @@ def build_runner(
     store = JobStore.from_url(redis_url)
     store.ping()
     engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit)
-    runner = Runner(store, engine, Publisher(store).start(), lease=lease, max_attempts=max_attempts)
+    runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
     runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease).start()
     engine.start()
     set_runner(runner)
