@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
-from jobs.models import JobStatus
 from jobs.store import JobInfo, JobStore
 
-__all__ = ["store_from", "echo_json", "wait_for", "describe"]
+__all__ = ["store_from", "echo_json", "describe"]
 
 
 def store_from(ctx: click.Context) -> JobStore:
@@ -29,12 +27,3 @@ def describe(info: JobInfo) -> str:
         f"  total {info.total}  queued {info.queued}  running {info.running}  "
         f"completed {info.completed}  failed {info.failed}  cancelled {info.cancelled}"
     )
-
-
-def wait_for(store: JobStore, job_id: str, interval: float = 0.5) -> JobInfo:
-    """Poll until the job is terminal."""
-    while True:
-        info = store.info(job_id)
-        if info.status in (JobStatus.COMPLETED, JobStatus.CANCELLED):
-            return info
-        time.sleep(interval)

@@ -6,6 +6,7 @@ import datetime as dt
 
 import click
 
+from . import progress
 from .common import describe, echo_json, store_from
 from .main import cli
 
@@ -13,38 +14,22 @@ from .main import cli
 @cli.command()
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--watch", is_flag=True, help="Show progress until the job ends.")
 @click.pass_context
-def status(ctx, job, as_json):
+def status(ctx, job, as_json, watch):
     """Show JOB's status and request counts.
 
     \b
-    Example:
+    Examples:
       mlxq status 3f2a... --json
+      mlxq status 3f2a... --watch
     """
-    info = store_from(ctx).info(job)
+    store = store_from(ctx)
+    info = progress.watch(store, job, plain=True if as_json else None) if watch else store.info(job)
     if as_json:
         echo_json(info.as_dict())
     else:
         click.echo(describe(info))
-
-
-@cli.command()
-@click.argument("job")
-@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-",
-              help="Write to this file instead of standard output.")
-@click.pass_context
-def results(ctx, job, output):
-    """Write JOB's results as JSONL, one line per input line, in input order.
-
-    Each line has index, custom_id, status, and either a result
-    (response, tool_calls, usage, finish_reason) or an error.
-
-    \b
-    Example:
-      mlxq results 3f2a... -o results.jsonl
-    """
-    for line in store_from(ctx).results(job):
-        output.write(line.model_dump_json() + "\n")
 
 
 @cli.command()

@@ -8,10 +8,11 @@ from jobs.defaults import (
     DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
 )
 from jobs.errors import InputError
-from jobs.ingest import read_lines
+from jobs.ingest import read_requests
 from jobs.store import JobStore
 
-from .common import describe, echo_json, store_from, wait_for
+from .common import echo_json, store_from
+from .progress import watch
 from .main import cli
 
 _BATCH = 500
@@ -34,7 +35,7 @@ def ingest(
     batch = []
     try:
         with open(path, "rb") as fp:
-            for line in read_lines(fp, max_line_bytes):
+            for line in read_requests(fp, path, max_line_bytes):
                 if total >= max_requests:
                     raise InputError(
                         f"{path}: more than the limit of {max_requests} requests per job "
@@ -62,10 +63,21 @@ def ingest(
         if valid == 0:
             first = f"; the first: {errors[0]}" if errors else ""
             raise InputError(f"{path}: none of its {total} requests is valid{first}")
+    except InputError as exc:
+        store.discard(job_id)
+        message = str(exc)
+        raise InputError(message if message.startswith(f"{path}:") else f"{path}: {message}") from exc
     except BaseException:
         store.discard(job_id)
         raise
     return store.finalize(job_id, model, total, valid), total - valid, errors
+
+
+def report_invalid(invalid: int, errors: list[str]) -> None:
+    for message in errors:
+        click.echo(f"warning: {message}", err=True)
+    if invalid > len(errors):
+        click.echo(f"warning: ... and {invalid - len(errors)} more invalid lines (see mlxq results)", err=True)
 
 
 @cli.command()
@@ -84,8 +96,11 @@ def ingest(
               envvar="MLXQ_RETENTION", help="Seconds the job and its results are kept after it ends.")
 @click.pass_context
 def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens, retention):
-    """Validate FILE (JSONL, one request per line) and queue it.
+    """Validate FILE and queue it.
 
+    FILE is JSONL, one request per line: Workers AI requests ({"prompt": ...}
+    or {"messages": [...]}) or OpenAI Batch API lines ({"custom_id", "method",
+    "url", "body"}); or a .json Workers AI batch body {"requests": [...]}.
     Bad lines fail alone, each with an error naming its line and field; the
     rest run. Prints the job id.
 
@@ -101,17 +116,12 @@ def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_to
     info, invalid, errors = ingest(store, file, model, max_line_bytes, max_requests, max_total_tokens)
     configure(ctx.obj["redis_url"])
     enqueue(info.job_id, store.queued_indices(info.job_id), model)
-    for message in errors:
-        click.echo(f"warning: {message}", err=True)
-    if invalid > len(errors):
-        click.echo(f"warning: ... and {invalid - len(errors)} more invalid lines (see mlxq results)", err=True)
+    report_invalid(invalid, errors)
     if as_json and not wait:
         echo_json({"job_id": info.job_id, "total": info.total, "invalid": invalid})
     elif not as_json:
         click.echo(info.job_id)
     if wait:
-        final = wait_for(store, info.job_id)
+        final = watch(store, info.job_id, plain=True if as_json else None)
         if as_json:
             echo_json({"job_id": info.job_id, "total": info.total, "invalid": invalid, **final.as_dict()})
-        else:
-            click.echo(describe(final), err=True)

@@ -14,9 +14,12 @@ from typing import BinaryIO, Iterator, Optional
 from pydantic import ValidationError
 
 from .defaults import DEFAULT_MAX_LINE_BYTES
+from .errors import InputError
 from .models import MessagesRequest, PromptRequest, Request
+from .openai import from_openai, is_openai_line
 
-__all__ = ["Line", "parse_line", "read_lines", "request_from_json"]
+__all__ = ["Line", "parse_line", "parse_object", "read_lines", "read_batch_json", "read_requests",
+           "request_from_json"]
 
 _CHUNK = 1 << 16
 
@@ -72,42 +75,50 @@ def _explain(exc: ValidationError) -> str:
 
 def parse_line(raw: bytes, lineno: int, index: int) -> Line:
     """Validate one line of input; never raises for bad input."""
-
-    def bad(message: str, custom_id: Optional[str] = None) -> Line:
-        return Line(
-            index, lineno, custom_id or str(lineno), error=f"line {lineno}: {message}",
-            explicit_id=custom_id is not None,
-        )
-
+    where = f"line {lineno}"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return bad(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
+        return _bad(index, lineno, where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
     try:
         obj = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
-        return bad("not valid JSON: nested too deeply")
+        return _bad(index, lineno, where, "not valid JSON: nested too deeply")
     except ValueError as exc:
-        return bad(f"not valid JSON: {exc}")
-    if not isinstance(obj, dict):
-        return bad(f"expected a JSON object, got {_json_type(obj)}")
+        return _bad(index, lineno, where, f"not valid JSON: {exc}")
+    return parse_object(obj, lineno, index, where)
 
+
+def _bad(index: int, lineno: int, where: str, message: str, custom_id: Optional[str] = None) -> Line:
+    return Line(index, lineno, custom_id or str(lineno), error=f"{where}: {message}",
+                explicit_id=custom_id is not None)
+
+
+def parse_object(obj: object, lineno: int, index: int, where: str) -> Line:
+    """Validate one decoded request: Workers AI's form, or an OpenAI batch line."""
+    if not isinstance(obj, dict):
+        return _bad(index, lineno, where, f"expected a JSON object, got {_json_type(obj)}")
     cid = obj.get("custom_id")
     custom_id = cid if isinstance(cid, str) and 0 < len(cid) <= 512 else None
+    if is_openai_line(obj):
+        try:
+            obj = from_openai(obj)
+        except ValueError as exc:
+            return _bad(index, lineno, where, str(exc), custom_id)
     if "image" in obj:
-        return bad("field 'image': this model is text-only; images are not accepted", custom_id)
+        return _bad(index, lineno, where, "field 'image': this model is text-only; images are not accepted", custom_id)
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt and has_messages:
-        return bad("give either field 'prompt' or field 'messages', not both", custom_id)
+        return _bad(index, lineno, where, "give either field 'prompt' or field 'messages', not both", custom_id)
     if not has_prompt and not has_messages:
-        return bad("missing field 'prompt' or 'messages'", custom_id)
+        return _bad(index, lineno, where, "missing field 'prompt' or 'messages'", custom_id)
     model = PromptRequest if has_prompt else MessagesRequest
     try:
         request = model.model_validate(obj)
     except ValidationError as exc:
-        return bad(_explain(exc), custom_id)
+        return _bad(index, lineno, where, _explain(exc), custom_id)
     except RecursionError:
-        return bad("nested too deeply", custom_id)
+        return _bad(index, lineno, where, "nested too deeply", custom_id)
     return Line(index, lineno, custom_id or str(lineno), request=request, explicit_id=custom_id is not None)
 
 
@@ -115,6 +126,32 @@ def _json_type(obj: object) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(obj), "a number"
     )
+
+
+def read_batch_json(fp: BinaryIO, max_bytes: int) -> Iterator[Line]:
+    """The requests of a Workers AI batch body, ``{"requests": [...]}``, parsed.
+
+    A ``.json`` file is one document, so it is read whole (up to ``max_bytes``);
+    JSONL is the format for files of any size. Request N is numbered like line N.
+    """
+    data = fp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"a .json batch is read whole and this one is over {max_bytes} bytes; use JSONL")
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"not a valid JSON document: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
+        raise InputError('a .json batch must be an object {"requests": [...]} (use JSONL for one request per line)')
+    for i, obj in enumerate(doc["requests"]):
+        yield parse_object(obj, i + 1, i, f"request {i + 1}")
+
+
+def read_requests(fp: BinaryIO, name: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
+    """Requests of a file by its kind: a ``.json`` batch body, or JSONL."""
+    if name.lower().endswith(".json"):
+        return read_batch_json(fp, 64 * max_line_bytes)
+    return read_lines(fp, max_line_bytes)
 
 
 def read_lines(fp: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:

@@ -7,20 +7,30 @@ from typing import Any
 from jobs.models import MessagesRequest, Request
 
 from .errors import RequestRejected
+from .tools import add_tools_system_message, has_tools, request_tools, template_supports_tools
 
 __all__ = ["render_prompt"]
 
 
 def render_prompt(tokenizer: Any, request: Request) -> str:
-    """The prompt for ``request``: the chat template with a generation prompt, or ``raw`` text."""
+    """The prompt for ``request``: the chat template with a generation prompt, or ``raw`` text.
+
+    Tools and functions go to a chat template that supports tools as its
+    ``tools`` variable (OpenAI-style); otherwise they are described in a system
+    message (:data:`worker.tools.TOOLS_SYSTEM_PROMPT`).
+    """
+    kwargs: dict[str, Any] = {}
     if isinstance(request, MessagesRequest):
         messages = [m.model_dump() for m in request.messages]
-        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-        kwargs = {"tools": tools} if tools else {}
+        if has_tools(request):
+            if template_supports_tools(tokenizer):
+                kwargs["tools"] = request_tools(request)
+            else:
+                messages = add_tools_system_message(messages, request)
     elif request.raw:
         return request.prompt
     else:
-        messages, kwargs = [{"role": "user", "content": request.prompt}], {}
+        messages = [{"role": "user", "content": request.prompt}]
     if getattr(tokenizer, "chat_template", None) is None:
         # A base model without a template: plain concatenation.
         return "\n".join(m["content"] for m in messages) + "\n"

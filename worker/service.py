@@ -100,6 +100,11 @@ def running_worker(redis_url: str, model: str, concurrency: int = 4, **kwargs) -
             app, pool="threads", concurrency=concurrency, queues=[queue_for(model)],
             perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING",
         ):
-            yield runner
+            try:
+                yield runner
+            finally:
+                # Stop generating first: running requests go back to the queue at once
+                # instead of Celery's shutdown waiting for them to finish.
+                runner.engine.stop()
     finally:
         stop_runner(runner)

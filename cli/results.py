@@ -1,0 +1,53 @@
+"""``mlxq results``: a job's results as JSONL, in mlxq's format or OpenAI's."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+import click
+
+from jobs.openai import to_openai
+from jobs.store import JobStore
+
+from .common import store_from
+from .main import cli
+
+
+def write_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "mlxq") -> int:
+    """Write one line per request, in input order; returns the count."""
+    n = 0
+    if fmt == "openai":
+        info = store.info(job_id)
+        created = int(info.finished_at or info.created_at)
+        for line in store.results(job_id):
+            out.write(json.dumps(to_openai(line, info.model, created, job_id), ensure_ascii=False) + "\n")
+            n += 1
+        return n
+    for line in store.results(job_id):
+        out.write(line.model_dump_json() + "\n")
+        n += 1
+    return n
+
+
+@cli.command()
+@click.argument("job")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-",
+              help="Write to this file instead of standard output.")
+@click.option("--format", "fmt", type=click.Choice(["mlxq", "openai"]), default="mlxq", show_default=True,
+              help="mlxq's result lines, or OpenAI Batch API output lines.")
+@click.pass_context
+def results(ctx, job, output, fmt):
+    """Write JOB's results as JSONL, one line per input line, in input order.
+
+    Each mlxq line has index, custom_id, status, and either a result
+    (response, tool_calls, usage, finish_reason) or an error. With
+    --format openai, lines are what OpenAI's Batch API writes (id, custom_id,
+    response{status_code, body}, error), so existing tooling reads them.
+
+    \b
+    Examples:
+      mlxq results 3f2a... -o results.jsonl
+      mlxq results 3f2a... --format openai > batch_output.jsonl
+    """
+    write_results(store_from(ctx), job, output, fmt)

@@ -1,0 +1,105 @@
+"""``mlxq run``: the whole job in one command."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from jobs.errors import StoreError
+from jobs.store import JobStore
+from jobs.urls import mask_url
+
+from .embedded import EmbeddedRedis, default_data_dir
+from .main import cli
+from .progress import watch
+
+
+def _choose_redis(ctx: click.Context, embedded: bool, data_dir: Path):
+    """The Redis to use: the one configured, else one on localhost, else a private one."""
+    url = ctx.obj["redis_url"]
+    configured = ctx.parent.get_parameter_source("redis_url") is not ParameterSource.DEFAULT
+    if not embedded:
+        if configured:
+            return contextlib.nullcontext(url)
+        try:
+            JobStore.from_url(url).r.ping()
+            return contextlib.nullcontext(url)
+        except (StoreError, Exception):
+            pass
+    return _embedded(data_dir)
+
+
+@contextlib.contextmanager
+def _embedded(data_dir: Path):
+    with EmbeddedRedis(data_dir) as server:
+        click.echo(f"mlxq: started an embedded Redis in {data_dir}", err=True)
+        yield server.url
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Results file (JSONL). Default: FILE with .results.jsonl.")
+@click.option("--model", envvar="MLXQ_MODEL", default=DEFAULT_MODEL, show_default=True,
+              help="Model: a seed name, hub repository or local directory (env MLXQ_MODEL).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY, show_default=True,
+              envvar="MLXQ_CONCURRENCY", help="Requests generated at once.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
+              envvar="MLXQ_DATA_DIR", show_default="~/.local/share/mlxq", help="Where the embedded Redis keeps its data.")
+@click.option("--embedded", is_flag=True, help="Always use the embedded Redis, even if one answers on localhost.")
+@click.option("--resume", "resume", metavar="JOB", help="Finish an interrupted job instead of submitting FILE.")
+@click.option("--format", "fmt", type=click.Choice(["mlxq", "openai"]), default="mlxq", show_default=True,
+              help="Results format.")
+@click.pass_context
+def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
+    """Run FILE start to finish: queue it, generate, write the results.
+
+    Uses the Redis of --redis-url/MLXQ_REDIS_URL when one is set, else one on
+    localhost, else starts an embedded Redis that persists under --data-dir.
+    A worker runs in this process. Ctrl-C stops cleanly; the job is kept and
+    `mlxq run --resume JOB` finishes it.
+
+    \b
+    Examples:
+      mlxq run requests.jsonl -o results.jsonl
+      mlxq run --resume 3f2a...
+    """
+    from worker.blas import ensure_fast_blas
+
+    if not file and not resume:
+        raise click.UsageError("give FILE, or --resume JOB")
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    ensure_fast_blas()
+    from worker.service import running_worker
+
+    from .results import write_results
+    from .submit import ingest, report_invalid
+
+    with _choose_redis(ctx, embedded, data_dir) as url:
+        store = JobStore.from_url(url)
+        store.ping()
+        with running_worker(url, model, concurrency) as runner:
+            if resume:
+                info = store.info(resume)
+            else:
+                from worker.tasks import enqueue
+
+                info, invalid, errors = ingest(store, file, model)
+                enqueue(info.job_id, store.queued_indices(info.job_id), model)
+                report_invalid(invalid, errors)
+            click.echo(f"mlxq: job {info.job_id} on {mask_url(url)}", err=True)
+            try:
+                final = watch(store, info.job_id)
+            except KeyboardInterrupt:
+                click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {info.job_id}"
+                           + (f" --data-dir {data_dir}" if url.startswith("unix://") else ""), err=True)
+                raise
+        target = output or (str(Path(file).with_suffix("")) + ".results.jsonl" if file else f"{info.job_id}.results.jsonl")
+        with open(target, "w", encoding="utf-8") as out:
+            write_results(store, final.job_id, out, fmt)
+        click.echo(target)

@@ -1,0 +1,79 @@
+"""``mlxq run``: one command, an embedded Redis, Ctrl-C and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_pipeline import write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLXQ_REDIS_URL"}
+    env["MLXQ_NO_BLAS_SETUP"] = "1"  # the suite's own process choice; the run itself works either way
+    return env
+
+
+def _run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "cli", "run", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=180, **kw)
+
+
+def test_run_does_the_whole_job_with_an_embedded_redis(tmp_path, tiny_model):
+    rows = [{"prompt": f"hello {i}", "max_tokens": 8} for i in range(6)] + ["not json"]
+    path = write_jsonl(tmp_path / "requests.jsonl", rows)
+    out = _run(str(path), "--embedded", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_model),
+               "--concurrency", "4")
+    assert out.returncode == 0, out.stderr
+    target = tmp_path / "requests.results.jsonl"
+    assert out.stdout.strip() == str(target)
+    lines = [json.loads(l) for l in target.read_text().splitlines()]
+    assert [l["status"] for l in lines] == ["completed"] * 6 + ["failed"]
+    assert "started an embedded Redis" in out.stderr and "completed 7/7 done, 1 failed" in out.stderr
+    assert "Traceback" not in out.stderr
+    # The server was shut down cleanly and its data persisted.
+    assert not (tmp_path / "data" / "redis.sock").exists()
+    assert any((tmp_path / "data" / "appendonlydir").iterdir())
+
+
+def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
+    rows = [{"prompt": f"story {i}", "max_tokens": 3000, "temperature": 0} for i in range(12)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    data = str(tmp_path / "data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", str(path), "--embedded", "--data-dir", data,
+         "--model", str(tiny_model), "--concurrency", "4"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Wait until it generates (a progress line with a job id), then interrupt.
+        job_id = None
+        deadline = time.time() + 60
+        while job_id is None:
+            assert time.time() < deadline and proc.poll() is None
+            line = proc.stderr.readline()
+            if line.startswith("mlxq: job "):
+                job_id = line.split()[2]
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert f"mlxq run --resume {job_id} --data-dir {data}" in err
+    assert "Traceback" not in err
+
+    out = _run("--resume", job_id, "--embedded", "--data-dir", data, "--model", str(tiny_model),
+               "--concurrency", "4", "-o", str(tmp_path / "out.jsonl"))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(l["status"] == "completed" for l in lines)
+    assert all(l["result"]["usage"]["completion_tokens"] >= 1 for l in lines)
