@@ -1,3 +1,3 @@
 """Import every command module so that each attaches itself to the group."""
 
-from . import inspect, render, results, run, stream, submit, worker  # noqa: F401
+from . import inspect, models, render, results, run, stream, submit, worker  # noqa: F401

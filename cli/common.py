@@ -6,6 +6,7 @@ import json
 
 import click
 
+from jobs.errors import StoreError
 from jobs.store import JobInfo, JobStore
 
 __all__ = ["store_from", "echo_json", "describe"]
@@ -13,7 +14,13 @@ __all__ = ["store_from", "echo_json", "describe"]
 
 def store_from(ctx: click.Context) -> JobStore:
     store = JobStore.from_url(ctx.obj["redis_url"])
-    store.ping()
+    try:
+        store.ping()
+    except StoreError as exc:
+        raise StoreError(
+            f"{exc} (is Redis running there? Set --redis-url or MLXQ_REDIS_URL, "
+            "or use `mlxq run`, which starts its own)"
+        ) from exc
     return store
 
 

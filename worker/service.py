@@ -67,7 +67,7 @@ def stop_runner(runner: Runner) -> None:
 
 def serve(
     redis_url: str, model: str, concurrency: int, loglevel: str = "INFO",
-    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, **options,
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, events: bool = False, **options,
 ) -> int:
     """Run a worker in this process until it is told to stop; returns its exit code."""
     runner = build_runner(redis_url, model, concurrency, **options)
@@ -75,6 +75,7 @@ def serve(
         log.warning("the visibility timeout (%ss) is shorter than the time limit (%ss): Celery will "
                     "re-deliver long requests (a no-op, but wasted work)", visibility_timeout, runner.engine.time_limit)
     configure(redis_url, visibility_timeout)
+    app.conf.worker_send_task_events = events
     worker = app.Worker(
         pool="threads", concurrency=concurrency, queues=[queue_for(model)],
         loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,

@@ -1,0 +1,79 @@
+"""The command line as a user meets it: help, completion, listing, watching, packaging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from cli.main import cli
+from test_pipeline import run_cli, submit_and_wait, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_command_has_help_with_an_example():
+    runner = CliRunner()
+    for name in cli.commands:
+        out = runner.invoke(cli, [name, "--help"])
+        assert out.exit_code == 0, name
+        assert "Example" in out.output, f"mlxq {name} --help has no example"
+
+
+def test_shell_completion_script():
+    out = subprocess.run([sys.executable, "-m", "cli"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, _MLXQ_COMPLETE="bash_source"))
+    assert "_mlxq_completion" in out.stdout and "complete " in out.stdout
+
+
+def test_jobs_lists_newest_first_and_status_watch_is_plain_when_piped(tmp_path, redis_client, redis_url,
+                                                                      tiny_model, worker):
+    first = submit_and_wait(redis_url, tiny_model, write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "max_tokens": 3}]))
+    second = submit_and_wait(redis_url, tiny_model, write_jsonl(tmp_path / "b.jsonl", [{"prompt": "b", "max_tokens": 3}]))
+    out = run_cli(redis_url, "jobs")
+    ids = [line.split()[0] for line in out.stdout.splitlines()]
+    assert ids[:2] == [second["job_id"], first["job_id"]]
+    assert "completed" in out.stdout and "1/1 done" in out.stdout
+    out = run_cli(redis_url, "status", first["job_id"], "--watch")
+    assert out.exit_code == 0
+    assert f"job {first['job_id']}: completed 1/1 done, 0 failed" in out.stderr
+    assert "tok/s" in out.stderr
+    data = json.loads(run_cli(redis_url, "status", first["job_id"], "--json").stdout)
+    assert data["tokens"] >= 1
+
+
+def test_unreachable_redis_suggests_the_fix():
+    out = CliRunner().invoke(cli, ["--redis-url", "redis://127.0.0.1:1/0", "jobs"])
+    assert out.exit_code == 1 and "mlxq run" in out.stderr and "MLXQ_REDIS_URL" in out.stderr
+
+
+def test_models_lists_the_seed_alias(tmp_path):
+    out = CliRunner().invoke(cli, ["models", "--json"], env={"HF_HOME": str(tmp_path)})
+    data = json.loads(out.stdout)
+    assert data["aliases"] == [{"name": "@cf/qwen/qwen1.5-0.5b-chat",
+                                "repo": "mlx-community/Qwen1.5-0.5B-Chat-4bit", "cached": False}]
+    assert data["cached"] == []
+
+
+def test_compose_file_has_persistent_redis_workers_and_flower():
+    """No Docker engine runs here; this checks the file's structure, not a running stack."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    redis = compose["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert redis["healthcheck"]["test"][-1] == "ping"
+    worker = compose["worker"]
+    dockerfile = ROOT / worker["build"]["dockerfile"]
+    assert dockerfile.is_file()
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["environment"]["MLXQ_REDIS_URL"].startswith("redis://redis:")
+    assert "flower" in compose["flower"]["command"]
+    for line in dockerfile.read_text().splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+    assert "libopenblas0-pthread" in dockerfile.read_text()
