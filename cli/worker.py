@@ -37,11 +37,13 @@ from .main import cli
 @click.option("--visibility-timeout", type=click.IntRange(min=1), default=DEFAULT_VISIBILITY_TIMEOUT,
               show_default=True, envvar="MLXQ_VISIBILITY_TIMEOUT",
               help="Seconds before the broker re-delivers an unacknowledged message (keep above --time-limit).")
+@click.option("--adapters-dir", type=click.Path(file_okay=False, exists=True), envvar="MLXQ_ADAPTERS_DIR",
+              help="Directory of LoRA adapters (mlx-lm format) that requests may name in 'lora'.")
 @click.option("--events", is_flag=True, envvar="MLXQ_EVENTS",
               help="Send Celery task events, for monitoring with Flower.")
 @click.pass_context
 def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
-           visibility_timeout, events):
+           visibility_timeout, adapters_dir, events):
     """Load MODEL once and generate the requests queued for it.
 
     Start as many workers, on as many machines, as you like against one Redis.
@@ -62,5 +64,5 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, 
     sys.exit(serve(
         ctx.obj["redis_url"], model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
-        lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events,
+        lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
     ))

@@ -16,7 +16,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from modelfactory import build_model  # noqa: E402
+from modelfactory import build_adapter, build_model  # noqa: E402
 
 from jobs.store import JobStore  # noqa: E402
 
@@ -61,9 +61,27 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker(redis_url, tiny_model):
+def adapters_dir(tmp_path_factory, tiny_model) -> Path:
+    """LoRA adapters for the tiny model: "zero" changes nothing, "shift" changes its output,
+    "broken" has the wrong shapes."""
+    root = tmp_path_factory.mktemp("adapters")
+    build_adapter(root / "zero", tiny_model, zero=True)
+    build_adapter(root / "shift", tiny_model, seed=3)
+    build_adapter(root / "team" / "shift2", tiny_model, seed=4)
+    build_adapter(root / "broken", tiny_model, rank=4)
+    import json as _json
+
+    config = _json.loads((root / "broken" / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 8  # the saved weights have rank 4
+    (root / "broken" / "adapter_config.json").write_text(_json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url, tiny_model, adapters_dir):
     """A real Celery worker (thread pool) in this process, serving the tiny model."""
     from worker.service import running_worker
 
-    with running_worker(redis_url, str(tiny_model), concurrency=8, on_fatal=lambda exc: None) as runner:
+    with running_worker(redis_url, str(tiny_model), concurrency=8, on_fatal=lambda exc: None,
+                        adapters_dir=str(adapters_dir)) as runner:
         yield runner

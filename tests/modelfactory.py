@@ -302,3 +302,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def build_adapter(
+    path: str | os.PathLike, model_dir: str | os.PathLike, zero: bool = False, rank: int = 4, seed: int = 1
+) -> pathlib.Path:
+    """A LoRA adapter for ``model_dir`` in mlx-lm's format, on q_proj and v_proj of every layer.
+
+    ``zero`` makes ``lora_b`` zero: the adapter changes nothing. Otherwise its
+    weights are large enough to change greedy output.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = hidden // config["num_attention_heads"]
+    outs = {"self_attn.q_proj": hidden, "self_attn.v_proj": config["num_key_value_heads"] * head_dim}
+    (path / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": layers,
+        "lora_parameters": {"rank": rank, "scale": 10.0, "dropout": 0.0, "keys": sorted(outs)},
+    }))
+    mx.random.seed(seed)
+    weights = {}
+    for i in range(layers):
+        for key, out in outs.items():
+            prefix = f"model.layers.{i}.{key}"
+            weights[f"{prefix}.lora_a"] = mx.random.normal((hidden, rank)) / hidden**0.5
+            weights[f"{prefix}.lora_b"] = mx.zeros((rank, out)) if zero else mx.random.normal((rank, out)) * 0.5
+    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+    return path

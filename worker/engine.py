@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 from jobs.errors import EngineError
 from jobs.models import Request
 
+from .adapters import resolve_adapter, with_adapter
 from .errors import EngineStopped, RequestRejected
 from .model import LoadedModel
 from .prompts import render_prompt
@@ -45,6 +47,7 @@ class Prepared:
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     stream: bool = False
+    adapter: Optional[str] = None  # a LoRA adapter directory; None is the base model
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,17 @@ class _Slot:
         return Generation(text, len(p.tokens), self.generated, reason, p.seed, tail=text[self.sent:])
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One BatchGenerator and its requests: the base model, or one LoRA adapter."""
+
+    adapter: Optional[str]
+    gen: object
+    active: dict[int, _Slot] = field(default_factory=dict)
+
+
 class Engine:
-    """Continuous batching over one loaded model."""
+    """Continuous batching over one loaded model (and its LoRA adapters, a batch each)."""
 
     def __init__(
         self,
@@ -106,10 +118,14 @@ class Engine:
         on_step: Optional[Callable[[list[StepEvent]], None]] = None,
         on_fatal: Optional[Callable[[BaseException], None]] = None,
         time_limit: float = float("inf"),
+        adapters_dir: Optional[str] = None,
+        max_adapters: int = 8,
     ):
         self.loaded = loaded
         self.width = width
         self.time_limit = time_limit
+        self.adapters_dir = adapters_dir
+        self.max_adapters = max_adapters
         self.on_step = on_step
         self.on_fatal = on_fatal
         self._inbox: "queue.SimpleQueue[Optional[Handle]]" = queue.SimpleQueue()
@@ -127,8 +143,7 @@ class Engine:
 
     def prepare(self, request: Request, seed: int) -> Prepared:
         """Render and tokenize ``request``; raises :class:`RequestRejected`."""
-        if request.lora:
-            raise RequestRejected(f"field 'lora': no LoRA adapter {request.lora!r} is available on this worker")
+        adapter = resolve_adapter(self.adapters_dir, request.lora) if request.lora else None
         prompt = self.render(request)
         with self._tok_lock:
             tokens = tuple(self.loaded.tokenizer.encode(prompt, add_special_tokens=False))
@@ -145,7 +160,7 @@ class Engine:
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=seed,
             repetition_penalty=request.repetition_penalty,
             frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
-            stream=request.stream,
+            stream=request.stream, adapter=adapter,
         )
 
     def submit(self, prepared: Prepared, tag: object = None) -> Handle:
@@ -183,21 +198,21 @@ class Engine:
     # -- the engine thread ------------------------------------------------------
 
     def _run(self) -> None:
-        active: dict[int, _Slot] = {}
+        lanes: dict[Optional[str], _Lane] = {}
         try:
-            self._loop(active)
+            self._loop(lanes)
         except BaseException as exc:  # noqa: BLE001 - every failure must end the requests
             self.error = exc
             log.exception("the generation engine failed")
-            self._fail_all(active, exc)
+            self._fail_all(lanes, exc)
             if self.on_fatal is not None:
                 self.on_fatal(exc)
             return
-        self._fail_all(active, EngineStopped("the worker is shutting down"))
+        self._fail_all(lanes, EngineStopped("the worker is shutting down"))
 
-    def _fail_all(self, active: dict[int, _Slot], exc: BaseException) -> None:
+    def _fail_all(self, lanes: dict[Optional[str], "_Lane"], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
-        pending = [s.handle for s in active.values()]
+        pending = [s.handle for lane in lanes.values() for s in lane.active.values()]
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -208,33 +223,44 @@ class Engine:
         for handle in pending:
             if not handle.future.done():
                 handle.future.set_exception(error)
-        active.clear()
+        for lane in lanes.values():
+            lane.active.clear()
+            lane.gen.close()
 
-    def _loop(self, active: dict[int, _Slot]) -> None:
+    def _new_lane(self, adapter: Optional[str]) -> "_Lane":
+        """A batch of its own for ``adapter``: the base weights, shared, plus its LoRA layers."""
         from mlx_lm.generate import BatchGenerator
 
-        tok = self.loaded.tokenizer
+        model = self.loaded.model
+        if adapter is not None:
+            model = with_adapter(model, adapter, float32=self.loaded.device == "cpu")
         gen = BatchGenerator(
-            self.loaded.model,
-            stop_tokens=[[t] for t in sorted(tok.eos_token_ids)],
+            model,
+            stop_tokens=[[t] for t in sorted(self.loaded.tokenizer.eos_token_ids)],
             completion_batch_size=self.width,
             prefill_batch_size=min(self.width, 8),
             prefill_step_size=512,
         )
-        try:
-            while not self._stop.is_set():
-                self._admit(gen, active, block=not active)
-                self._drop_stopped(gen, active)
-                if not active:
-                    continue
-                _, responses = gen.next()
-                self._collect(responses, active)
-        finally:
-            gen.close()
+        return _Lane(adapter, gen)
 
-    def _admit(self, gen, active: dict[int, _Slot], block: bool) -> None:
-        from .sampling import make_request_processors, make_request_sampler
+    def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
+        lanes[None] = self._new_lane(None)
+        while not self._stop.is_set():
+            busy = [lane for lane in lanes.values() if lane.active]
+            self._admit(lanes, block=not busy)
+            for lane in list(lanes.values()):
+                self._drop_stopped(lane)
+                if lane.active:
+                    _, responses = lane.gen.next()
+                    self._collect(responses, lane.active)
+            self._evict_idle(lanes)
 
+    def _evict_idle(self, lanes: dict[Optional[str], "_Lane"]) -> None:
+        idle = [a for a, lane in lanes.items() if a is not None and not lane.active]
+        for adapter in idle[: max(0, len(lanes) - 1 - self.max_adapters)]:
+            lanes.pop(adapter).gen.close()
+
+    def _admit(self, lanes: dict[Optional[str], "_Lane"], block: bool) -> None:
         new: list[Handle] = []
         try:
             item = self._inbox.get(timeout=0.2) if block else self._inbox.get_nowait()
@@ -244,11 +270,26 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        new = [h for h in new if not self._resolve_if_cancelled(h)]
-        if not new:
-            return
+        by_adapter: dict[Optional[str], list[Handle]] = {}
+        for h in new:
+            if not self._resolve_if_cancelled(h):
+                by_adapter.setdefault(h.prepared.adapter, []).append(h)
+        for adapter, handles in by_adapter.items():
+            if adapter not in lanes:
+                try:
+                    lanes[adapter] = self._new_lane(adapter)
+                except Exception as exc:  # a broken adapter fails its requests, not the engine
+                    error = RequestRejected(f"field 'lora': cannot load adapter {Path(adapter).name!r}: {exc}")
+                    for h in handles:
+                        h.future.set_exception(error)
+                    continue
+            self._insert(lanes[adapter], handles)
+
+    def _insert(self, lane: "_Lane", new: list[Handle]) -> None:
+        from .sampling import make_request_processors, make_request_sampler
+
         ps = [h.prepared for h in new]
-        uids = gen.insert(
+        uids = lane.gen.insert(
             [list(p.tokens) for p in ps],
             max_tokens=[p.max_tokens for p in ps],
             samplers=[make_request_sampler(p.temperature, p.top_p, p.top_k, p.seed) for p in ps],
@@ -259,7 +300,7 @@ class Engine:
         )
         deadline = time.monotonic() + self.time_limit
         for uid, handle in zip(uids, new):
-            active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer, deadline=deadline)
+            lane.active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer, deadline=deadline)
 
     @staticmethod
     def _resolve_if_cancelled(handle: Handle) -> bool:
@@ -270,14 +311,15 @@ class Engine:
         handle.future.set_result(Generation("", len(p.tokens), 0, "cancelled", p.seed))
         return True
 
-    def _drop_stopped(self, gen, active: dict[int, _Slot]) -> None:
+    def _drop_stopped(self, lane: "_Lane") -> None:
         """Free the slots of cancelled requests and of those past the time limit."""
         now = time.monotonic()
+        active = lane.active
         gone = {uid: "cancelled" for uid, s in active.items() if s.handle.cancelled.is_set()}
         gone.update({uid: "timeout" for uid, s in active.items() if s.deadline < now and uid not in gone})
         if not gone:
             return
-        gen.remove(list(gone))
+        lane.gen.remove(list(gone))
         for uid, why in gone.items():
             slot = active.pop(uid)
             slot.detokenizer.finalize()

@@ -42,6 +42,7 @@ def build_runner(
     lease: float = DEFAULT_LEASE,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     time_limit: float = DEFAULT_TIME_LIMIT,
+    adapters_dir: Optional[str] = None,
 ) -> Runner:
     loaded = load_model(model, model_dirs, force_cpu=force_cpu)
     log.info(
@@ -50,7 +51,7 @@ def build_runner(
     )
     store = JobStore.from_url(redis_url)
     store.ping()
-    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit)
+    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir)
     runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
     runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease).start()
     engine.start()
