@@ -8,7 +8,7 @@ import click
 
 from jobs.defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MODEL
 from jobs.errors import InputError, ModelNotFound
-from jobs.ingest import read_lines
+from jobs.ingest import read_requests
 
 from .common import echo_json
 from .main import cli
@@ -40,6 +40,9 @@ def load_tokenizer(name: str) -> Any:
 def render(file, only, model, as_json, max_line_bytes):
     """Print the exact prompt text and token count of each request in FILE.
 
+    FILE is read as submit reads it: JSONL (Workers AI or OpenAI batch lines),
+    or a .json batch body.
+
     Nothing is generated and Redis is not used: only the model's tokenizer is
     loaded (not its weights). The chat template, tools and functions are
     applied exactly as a worker applies them. Invalid lines print their error
@@ -58,7 +61,7 @@ def render(file, only, model, as_json, max_line_bytes):
     first_error: Optional[str] = None
     seen: dict[str, int] = {}
     with open(file, "rb") as fp:
-        for line in read_lines(fp, max_line_bytes):
+        for line in read_requests(fp, file, max_line_bytes):
             total += 1
             error = line.error
             if error is None:

@@ -7,6 +7,7 @@ The bounds and defaults are the seed schema's (``tests/data/seed-schema.yaml``).
 from __future__ import annotations
 
 import enum
+import secrets
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -25,9 +26,16 @@ __all__ = [
     "Output",
     "ErrorInfo",
     "ResultLine",
+    "random_seed",
 ]
 
 MAX_TEXT = 131072
+MAX_SEED = 9999999999
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none, in the schema's range."""
+    return 1 + secrets.randbelow(MAX_SEED)
 
 
 class JobStatus(str, enum.Enum):
@@ -117,7 +125,7 @@ class _Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=5)] = DEFAULT_TEMPERATURE
     top_p: Optional[Annotated[float, Field(ge=0, le=2)]] = None
     top_k: Optional[Annotated[int, Field(ge=1, le=50)]] = None
-    seed: Optional[Annotated[int, Field(ge=1, le=9999999999)]] = None
+    seed: Optional[Annotated[int, Field(ge=1, le=MAX_SEED)]] = None
     repetition_penalty: Optional[Annotated[float, Field(ge=0, le=2)]] = None
     frequency_penalty: Optional[Annotated[float, Field(ge=0, le=2)]] = None
     presence_penalty: Optional[Annotated[float, Field(ge=0, le=2)]] = None

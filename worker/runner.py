@@ -13,13 +13,13 @@ from celery.exceptions import Reject
 from jobs.defaults import DEFAULT_CANCEL_POLL, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS
 from jobs.errors import EngineError, StoreError
 from jobs.events import Event
-from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage
+from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage, random_seed
 from jobs.store import JobStore
 
 from .engine import Engine, Generation, StepEvent
 from .errors import EngineStopped, RequestRejected
 from .publisher import Publisher
-from .sampling import random_seed
+from .tools import extract_tool_calls
 
 __all__ = ["Runner", "current_runner", "set_runner"]
 
@@ -145,8 +145,11 @@ class Runner:
                 message=f"stopped after the time limit of {self.engine.time_limit:g}s "
                         f"({generation.completion_tokens} tokens generated)",
             ))
+        # Tool calls leave the response only for requests with tools or functions.
+        response, tool_calls = extract_tool_calls(request, generation.text, self.engine.loaded.tokenizer)
         output = Output(
-            response=generation.text,
+            response=response,
+            tool_calls=tool_calls,
             usage=Usage(
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,

@@ -6,20 +6,14 @@ request draws the same tokens alone or beside any number of others.
 
 from __future__ import annotations
 
-import secrets
 from typing import Callable, List, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
-__all__ = ["make_request_sampler", "make_request_processors", "random_seed"]
+__all__ = ["make_request_sampler", "make_request_processors"]
 
 Sampler = Callable[[mx.array], mx.array]
-
-
-def random_seed() -> int:
-    """A seed for a request that gave none, in the schema's range."""
-    return 1 + secrets.randbelow(9999999999)
 
 
 def make_request_sampler(
