@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 
 import click
+import redis
 from click.core import ParameterSource
 
 from jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
-from jobs.errors import StoreError
 from jobs.store import JobStore
 from jobs.urls import mask_url
 
@@ -23,15 +23,17 @@ def _choose_redis(ctx: click.Context, embedded: bool, data_dir: Path):
     """The Redis to use: the one configured, else one on localhost, else a private one."""
     url = ctx.obj["redis_url"]
     configured = ctx.parent.get_parameter_source("redis_url") is not ParameterSource.DEFAULT
-    if not embedded:
-        if configured:
-            return contextlib.nullcontext(url)
-        try:
-            JobStore.from_url(url).r.ping()
-            return contextlib.nullcontext(url)
-        except (StoreError, Exception):
-            pass
+    if not embedded and (configured or _answers(url)):
+        return contextlib.nullcontext(url)
     return _embedded(data_dir)
+
+
+def _answers(url: str) -> bool:
+    """A quick look (no retries): does a Redis server answer at ``url``?"""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
