@@ -31,6 +31,9 @@ __all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRe
 
 log = logging.getLogger(__name__)
 
+#: Steps a spent row may stay in the batch before mlx-lm would end it itself.
+_SLACK = 1024
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -89,7 +92,6 @@ class _Slot:
     handle: Handle
     detokenizer: object
     generated: int = 0
-    reason: Optional[str] = None
     sent: int = 0  # characters of text already handed out in StepEvents
     deadline: float = float("inf")
 
@@ -101,11 +103,21 @@ class _Slot:
 
 @dataclass(eq=False)
 class _Lane:
-    """One BatchGenerator and its requests: the base model, or one LoRA adapter."""
+    """One BatchGenerator and its requests: the base model, or one LoRA adapter.
+
+    A request that has ended stays in the batch as a spent row until a group of
+    them leaves at once (see :meth:`Engine._sweep`): every change of the batch's
+    rows copies its whole KV cache, so rows leave (and new ones join) in groups.
+    """
 
     adapter: Optional[str]
     gen: object
     active: dict[int, _Slot] = field(default_factory=dict)
+    spent: set[int] = field(default_factory=set)
+
+    @property
+    def live(self) -> int:
+        return len(self.active) - len(self.spent)
 
 
 class Engine:
@@ -126,6 +138,8 @@ class Engine:
         self.time_limit = time_limit
         self.adapters_dir = adapters_dir
         self.max_adapters = max_adapters
+        self.group = max(1, width // 4)  # spent rows that leave the batch together
+        self._eos = frozenset(loaded.tokenizer.eos_token_ids)
         self.on_step = on_step
         self.on_fatal = on_fatal
         self._inbox: "queue.SimpleQueue[Optional[Handle]]" = queue.SimpleQueue()
@@ -234,9 +248,11 @@ class Engine:
         model = self.loaded.model
         if adapter is not None:
             model = with_adapter(model, adapter, float32=self.loaded.device == "cpu")
+        # No stop tokens, and max_tokens with slack: the engine itself ends requests
+        # (see _collect), so that the batch changes only when the engine says.
         gen = BatchGenerator(
             model,
-            stop_tokens=[[t] for t in sorted(self.loaded.tokenizer.eos_token_ids)],
+            stop_tokens=None,
             completion_batch_size=self.width,
             prefill_batch_size=min(self.width, 8),
             prefill_step_size=512,
@@ -250,10 +266,25 @@ class Engine:
             self._admit(lanes, block=not busy)
             for lane in list(lanes.values()):
                 self._drop_stopped(lane)
-                if lane.active:
+                self._sweep(lane)
+                if lane.live:
                     _, responses = lane.gen.next()
-                    self._collect(responses, lane.active)
+                    self._collect(responses, lane)
             self._evict_idle(lanes)
+
+    def _sweep(self, lane: "_Lane") -> None:
+        """Take spent rows out of the batch, a group at a time.
+
+        They leave once there are ``group`` of them, when they are as many as
+        the live rows, or when nothing live is left; a spent row costs one row
+        of compute per step, each change of the rows a copy of the KV cache.
+        """
+        n = len(lane.spent)
+        if n and (n >= self.group or n >= lane.live):
+            lane.gen.remove(list(lane.spent))
+            for uid in lane.spent:
+                lane.active.pop(uid, None)
+            lane.spent.clear()
 
     def _evict_idle(self, lanes: dict[Optional[str], "_Lane"]) -> None:
         idle = [a for a, lane in lanes.items() if a is not None and not lane.active]
@@ -291,7 +322,7 @@ class Engine:
         ps = [h.prepared for h in new]
         uids = lane.gen.insert(
             [list(p.tokens) for p in ps],
-            max_tokens=[p.max_tokens for p in ps],
+            max_tokens=[p.max_tokens + _SLACK for p in ps],
             samplers=[make_request_sampler(p.temperature, p.top_p, p.top_k, p.seed) for p in ps],
             logits_processors=[
                 make_request_processors(p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
@@ -312,35 +343,39 @@ class Engine:
         return True
 
     def _drop_stopped(self, lane: "_Lane") -> None:
-        """Free the slots of cancelled requests and of those past the time limit."""
+        """End cancelled requests and those past the time limit (their rows are spent)."""
         now = time.monotonic()
-        active = lane.active
-        gone = {uid: "cancelled" for uid, s in active.items() if s.handle.cancelled.is_set()}
-        gone.update({uid: "timeout" for uid, s in active.items() if s.deadline < now and uid not in gone})
-        if not gone:
-            return
-        lane.gen.remove(list(gone))
-        for uid, why in gone.items():
-            slot = active.pop(uid)
-            slot.detokenizer.finalize()
-            slot.handle.future.set_result(slot.generation(why))
+        for uid, slot in lane.active.items():
+            if uid in lane.spent:
+                continue
+            why = "cancelled" if slot.handle.cancelled.is_set() else "timeout" if slot.deadline < now else None
+            if why is not None:
+                self._end(lane, uid, slot, why)
 
-    def _collect(self, responses, active: dict[int, _Slot]) -> None:
+    def _end(self, lane: "_Lane", uid: int, slot: _Slot, reason: str) -> None:
+        slot.detokenizer.finalize()
+        lane.spent.add(uid)
+        slot.handle.future.set_result(slot.generation(reason))
+
+    def _collect(self, responses, lane: "_Lane") -> None:
         events: list[StepEvent] = []
-        finished: list[_Slot] = []
+        ended: list[tuple[int, _Slot, str]] = []
         for r in responses:
-            slot = active.get(r.uid)
+            if r.uid in lane.spent:
+                continue  # a spent row's output is never used
+            slot = lane.active.get(r.uid)
             if slot is None:
                 continue
-            slot.generated += 1
-            slot.reason = r.finish_reason
-            if r.finish_reason != "stop":
-                slot.detokenizer.add_token(r.token)
             if r.finish_reason is not None:
-                slot.detokenizer.finalize()
-                del active[r.uid]
-                finished.append(slot)
-            elif slot.handle.prepared.stream:
+                lane.active.pop(r.uid)  # mlx-lm ended it (the slack ran out): it left the batch
+            slot.generated += 1
+            p = slot.handle.prepared
+            reason = "stop" if r.token in self._eos else "length" if slot.generated >= p.max_tokens else None
+            if reason != "stop":
+                slot.detokenizer.add_token(r.token)
+            if reason is not None:
+                ended.append((r.uid, slot, reason))
+            elif p.stream:
                 text = slot.detokenizer.text
                 if len(text) > slot.sent:
                     events.append(StepEvent(slot.handle, text[slot.sent:], slot.generated))
@@ -348,5 +383,7 @@ class Engine:
         self.tokens_generated += len(responses)
         if events and self.on_step is not None:
             self.on_step(events)
-        for slot in finished:
-            slot.handle.future.set_result(slot.generation(slot.reason))
+        for uid, slot, reason in ended:
+            self._end(lane, uid, slot, reason)
+            if uid not in lane.active:
+                lane.spent.discard(uid)
