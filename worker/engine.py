@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: Steps a spent row may stay in the batch before mlx-lm would end it itself.
 _SLACK = 1024
 
+#: Bytes of freed buffers MLX may keep for reuse on the CPU.
+_CPU_CACHE_LIMIT = 256 * 2**20
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -223,6 +226,10 @@ class Engine:
                 self.on_fatal(exc)
             return
         self._fail_all(lanes, EngineStopped("the worker is shutting down"))
+        import mlx.core as mx
+
+        log.info("engine stopped: %d tokens generated, peak MLX memory %.0f MB",
+                 self.tokens_generated, mx.get_peak_memory() / 1e6)
 
     def _fail_all(self, lanes: dict[Optional[str], "_Lane"], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
@@ -260,6 +267,12 @@ class Engine:
         return _Lane(adapter, gen)
 
     def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
+        import mlx.core as mx
+
+        if self.loaded.device == "cpu":
+            # Give freed buffers back instead of keeping them cached: on the CPU a
+            # cached buffer is resident memory the worker never uses again.
+            mx.set_cache_limit(_CPU_CACHE_LIMIT)
         lanes[None] = self._new_lane(None)
         while not self._stop.is_set():
             busy = [lane for lane in lanes.values() if lane.active]
