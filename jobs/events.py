@@ -33,6 +33,7 @@ class Event(BaseModel):
     finish_reason: Optional[str] = None
     usage: Optional[dict[str, int]] = None
     error: Optional[dict[str, str]] = None
+    ts: Optional[float] = None  # Unix time the text left the engine (deltas only)
     id: Optional[str] = None  # the Stream id, set by Redis
 
 

@@ -75,8 +75,9 @@ class Runner:
 
     def on_step(self, steps: list[StepEvent]) -> None:
         """Called by the engine thread: hand each step's new text to the publisher."""
+        now = time.time()
         self.publisher.put(
-            Event(job_id=s.handle.tag[0], index=s.handle.tag[1], custom_id=s.handle.tag[2], delta=s.delta)
+            Event(job_id=s.handle.tag[0], index=s.handle.tag[1], custom_id=s.handle.tag[2], delta=s.delta, ts=now)
             for s in steps
         )
 
