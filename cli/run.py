@@ -85,7 +85,7 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
     with _choose_redis(ctx, embedded, data_dir) as url:
         store = JobStore.from_url(url)
         store.ping()
-        with running_worker(url, model, concurrency) as runner:
+        with running_worker(url, model, concurrency):
             if resume:
                 info = store.info(resume)
             else:

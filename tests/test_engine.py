@@ -12,7 +12,7 @@ import pytest
 from jobs.errors import ModelNotFound
 from jobs.models import MessagesRequest, PromptRequest
 from worker.engine import RequestRejected
-from worker.model import load_model, resolve_model
+from worker.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

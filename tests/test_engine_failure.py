@@ -8,7 +8,6 @@ import time
 import mlx.core as mx
 
 from jobs.ingest import parse_line
-from jobs.store import JobStore
 from worker.engine import Engine
 from worker.model import load_model
 from worker.publisher import Publisher

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.models import MessagesRequest, PromptRequest
+from jobs.models import PromptRequest
 from test_pipeline import results_of, submit_and_wait, write_jsonl
 from worker.errors import RequestRejected
 

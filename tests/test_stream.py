@@ -6,12 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
-from click.testing import CliRunner
 
-from cli.main import cli
 from jobs.events import job_channel
 from test_pipeline import results_of, run_cli, write_jsonl
 
