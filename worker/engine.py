@@ -37,6 +37,11 @@ _SLACK = 1024
 #: Bytes of freed buffers MLX may keep for reuse on the CPU.
 _CPU_CACHE_LIMIT = 256 * 2**20
 
+#: Token positions mlx-lm's batch KV cache grows by (its own default is 256).
+#: Smaller blocks over-allocate less: on the 0.5B shape, 48 requests, peak MLX
+#: memory 7.0 -> 5.7 GB at the same speed (the growth copies are rare either way).
+_KV_STEP = 64
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -269,10 +274,13 @@ class Engine:
     def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
         import mlx.core as mx
 
+        from mlx_lm.models.cache import BatchKVCache
+
         if self.loaded.device == "cpu":
             # Give freed buffers back instead of keeping them cached: on the CPU a
             # cached buffer is resident memory the worker never uses again.
             mx.set_cache_limit(_CPU_CACHE_LIMIT)
+        BatchKVCache.step = _KV_STEP  # a class attribute: this process's batches only
         lanes[None] = self._new_lane(None)
         while not self._stop.is_set():
             busy = [lane for lane in lanes.values() if lane.active]
