@@ -65,6 +65,7 @@ class Runner:
         self.redis_patience = redis_patience
         self._running: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self._cancel_seen: dict[str, tuple[float, bool]] = {}  # job -> (checked at, cancelling)
         self.keeper = None  # the LeaseKeeper, set by worker.service
         engine.on_step = self.on_step
 
@@ -169,7 +170,7 @@ class Runner:
                 return handle.result(timeout=self.cancel_poll)
             except FutureTimeout:
                 try:
-                    cancelling = self.store.is_cancelling(job_id)
+                    cancelling = self._cancelling(job_id)
                 except StoreError:
                     continue  # Redis is restarting: keep generating
                 if cancelling and not handle.cancelled.is_set():
@@ -183,6 +184,22 @@ class Runner:
                 self.send(job_id, [index], model)
         log.info("request %s of job %s: released for another worker", index, job_id)
         return "released"
+
+    def _cancelling(self, job_id: str) -> bool:
+        """Whether ``job_id`` is being cancelled: one look at Redis per job per poll
+        interval, shared by every request of that job running here."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._cancel_seen.get(job_id)
+        if seen is not None and now - seen[0] < self.cancel_poll:
+            return seen[1]
+        cancelling = self.store.is_cancelling(job_id)
+        with self._lock:
+            self._cancel_seen[job_id] = (now, cancelling)
+            if len(self._cancel_seen) > 1024:  # forget jobs no longer looked at
+                cutoff = now - 10 * self.cancel_poll
+                self._cancel_seen = {j: v for j, v in self._cancel_seen.items() if v[0] > cutoff}
+        return cancelling
 
     def _end(self, job_id: str, line: ResultLine, error: Optional[ErrorInfo] = None, tail: str = "") -> str:
         """Store the result once, then publish the request's end event."""
