@@ -408,6 +408,20 @@ class JobStore:
                 yield ResultLine(index=i, custom_id=custom_id, status=status, error=error)
 
     @_wrap
+    def unfinished_jobs(self) -> list[JobInfo]:
+        """Jobs that have not ended (queued, running or cancelling)."""
+        ids = self.r.zrange(f"{KEY_PREFIX}:jobs", 0, -1)
+        out = []
+        for raw in ids:
+            try:
+                info = self.info(raw.decode())
+            except JobNotFound:
+                continue
+            if not info.status.terminal:
+                out.append(info)
+        return out
+
+    @_wrap
     def list_jobs(self, limit: int = 50) -> list[JobInfo]:
         ids = self.r.zrevrange(f"{KEY_PREFIX}:jobs", 0, limit - 1)
         out = []

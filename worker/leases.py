@@ -30,11 +30,14 @@ class LeaseKeeper:
         running: Callable[[], list[str]],
         send: Callable[[str, Iterable[int], str], int],
         lease: float,
+        model: str | None = None,
     ):
         self.store = store
         self.running = running
         self.send = send
         self.lease = lease
+        self.model = model
+        self._redis_was_down = False
         self.interval = max(0.2, min(lease / 4, 15.0))
         self.requeued = 0
         self._stop = threading.Event()
@@ -52,8 +55,27 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.tick()
+                if self._redis_was_down:
+                    self.resend_queued()
+                    self._redis_was_down = False
             except StoreError as exc:
+                self._redis_was_down = True
                 log.warning("lease upkeep failed (will retry): %s", exc)
+
+    def resend_queued(self) -> None:
+        """After Redis was unreachable, send every queued request of this model again.
+
+        Redis's broker transport pops a message before the worker has it: a
+        connection lost in between loses the message, and its request would stay
+        queued for ever. A second message for a request is harmless: the first to
+        claim it runs it, and the other finds it running or ended.
+        """
+        sent = 0
+        for info in self.store.unfinished_jobs():
+            if self.model is None or info.model.rstrip('/') == self.model.rstrip('/'):
+                sent += self.send(info.job_id, self.store.queued_indices(info.job_id), info.model)
+        if sent:
+            log.warning("Redis was unreachable: sent %d queued requests again (duplicates are no-ops)", sent)
 
     def tick(self) -> None:
         self.store.renew(self.running(), self.lease)

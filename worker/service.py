@@ -53,7 +53,7 @@ def build_runner(
     store.ping()
     engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir)
     runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
-    runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease).start()
+    runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
     engine.start()
     set_runner(runner)
     return runner
