@@ -1,4 +1,4 @@
-"""The generation engine: one thread, one mlx-lm ``BatchGenerator``, many requests.
+"""The generation engine: one thread, one slot batch per model, many requests.
 
 Callers on any thread turn a request into a :class:`Prepared` (chat template,
 tokens, sampling parameters) and :meth:`Engine.submit` it; they get a
@@ -31,15 +31,11 @@ __all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRe
 
 log = logging.getLogger(__name__)
 
-#: Steps a spent row may stay in the batch before mlx-lm would end it itself.
-_SLACK = 1024
-
 #: Bytes of freed buffers MLX may keep for reuse on the CPU.
 _CPU_CACHE_LIMIT = 256 * 2**20
 
-#: Token positions mlx-lm's batch KV cache grows by (its own default is 256).
-#: Smaller blocks over-allocate less: on the 0.5B shape, 48 requests, peak MLX
-#: memory 7.0 -> 5.7 GB at the same speed (the growth copies are rare either way).
+#: Token positions mlx-lm's batch KV cache grows by (its own default is 256);
+#: the slot batch prefills new requests with it, so smaller blocks waste less.
 _KV_STEP = 64
 
 
@@ -111,11 +107,10 @@ class _Slot:
 
 @dataclass(eq=False)
 class _Lane:
-    """One BatchGenerator and its requests: the base model, or one LoRA adapter.
+    """One slot batch and its requests: the base model, or one LoRA adapter.
 
-    A request that has ended stays in the batch as a spent row until a group of
-    them leaves at once (see :meth:`Engine._sweep`): every change of the batch's
-    rows copies its whole KV cache, so rows leave (and new ones join) in groups.
+    A request that has ended is a spent row until the next sweep takes it out
+    of the batch (before the next step).
     """
 
     adapter: Optional[str]
@@ -146,7 +141,6 @@ class Engine:
         self.time_limit = time_limit
         self.adapters_dir = adapters_dir
         self.max_adapters = max_adapters
-        self.group = max(1, width // 4)  # spent rows that leave the batch together
         self._eos = frozenset(loaded.tokenizer.eos_token_ids)
         self.on_step = on_step
         self.on_fatal = on_fatal
@@ -255,21 +249,13 @@ class Engine:
 
     def _new_lane(self, adapter: Optional[str]) -> "_Lane":
         """A batch of its own for ``adapter``: the base weights, shared, plus its LoRA layers."""
-        from mlx_lm.generate import BatchGenerator
+        from .slots import SlotBatch
 
         model = self.loaded.model
         if adapter is not None:
             model = with_adapter(model, adapter, float32=self.loaded.device == "cpu")
-        # No stop tokens, and max_tokens with slack: the engine itself ends requests
-        # (see _collect), so that the batch changes only when the engine says.
-        gen = BatchGenerator(
-            model,
-            stop_tokens=None,
-            completion_batch_size=self.width,
-            prefill_batch_size=min(self.width, 8),
-            prefill_step_size=512,
-        )
-        return _Lane(adapter, gen)
+        # The engine itself ends requests (see _collect): end tokens and max_tokens.
+        return _Lane(adapter, SlotBatch(model, width=self.width))
 
     def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
         import mlx.core as mx
@@ -289,19 +275,12 @@ class Engine:
                 self._drop_stopped(lane)
                 self._sweep(lane)
                 if lane.live:
-                    _, responses = lane.gen.next()
-                    self._collect(responses, lane)
+                    self._collect(lane.gen.next(), lane)
             self._evict_idle(lanes)
 
     def _sweep(self, lane: "_Lane") -> None:
-        """Take spent rows out of the batch, a group at a time.
-
-        They leave once there are ``group`` of them, when they are as many as
-        the live rows, or when nothing live is left; a spent row costs one row
-        of compute per step, each change of the rows a copy of the KV cache.
-        """
-        n = len(lane.spent)
-        if n and (n >= self.group or n >= lane.live):
+        """Take spent rows out of the batch (cheap: one row's keys and values move)."""
+        if lane.spent:
             lane.gen.remove(list(lane.spent))
             for uid in lane.spent:
                 lane.active.pop(uid, None)
@@ -343,9 +322,8 @@ class Engine:
         ps = [h.prepared for h in new]
         uids = lane.gen.insert(
             [list(p.tokens) for p in ps],
-            max_tokens=[p.max_tokens + _SLACK for p in ps],
             samplers=[make_request_sampler(p.temperature, p.top_p, p.top_k, p.seed) for p in ps],
-            logits_processors=[
+            processors=[
                 make_request_processors(p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
                 for p in ps
             ],
@@ -378,7 +356,7 @@ class Engine:
         lane.spent.add(uid)
         slot.handle.future.set_result(slot.generation(reason))
 
-    def _collect(self, responses, lane: "_Lane") -> None:
+    def _collect(self, responses: list, lane: "_Lane") -> None:
         events: list[StepEvent] = []
         ended: list[tuple[int, _Slot, str]] = []
         for r in responses:
@@ -387,8 +365,6 @@ class Engine:
             slot = lane.active.get(r.uid)
             if slot is None:
                 continue
-            if r.finish_reason is not None:
-                lane.active.pop(r.uid)  # mlx-lm ended it (the slack ran out): it left the batch
             slot.generated += 1
             p = slot.handle.prepared
             reason = "stop" if r.token in self._eos else "length" if slot.generated >= p.max_tokens else None
@@ -406,5 +382,3 @@ class Engine:
             self.on_step(events)
         for uid, slot, reason in ended:
             self._end(lane, uid, slot, reason)
-            if uid not in lane.active:
-                lane.spent.discard(uid)

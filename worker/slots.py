@@ -1,0 +1,371 @@
+"""A batch of sequences in fixed slots of one preallocated KV cache.
+
+mlx-lm's ``BatchGenerator`` keeps its batch left-padded to a common length:
+each time a sequence joins or leaves, the whole KV cache of the batch is
+copied (``BatchKVCache.extend``/``filter``), which on the CPU costs about as
+much as several decode steps and, while it runs, twice the cache's memory.
+Here every sequence has a row of a cache that is allocated once per layer
+(``rows x kv_heads x length x head_dim``) and grows in blocks. Each row holds
+its own tokens from position 0; a decode step writes each row's new key and
+value at that row's own position (one scatter, in place) and masks the rest.
+A sequence that joins is prefilled in a small left-padded batch of its own
+(with mlx-lm's ``BatchKVCache``) and copied into its row; one that leaves
+hands its row to the last row, whose keys and values move into it. Nothing
+else is ever copied, and the cache is the only memory that grows with the
+batch.
+
+The batch runs mlx-lm models unchanged: a layer's cache is a
+:class:`SlotKVCache`, which offers what their attention uses (``offset``,
+``update_and_fetch``, ``make_mask``, ``state``). Sampling is NumPy's
+(:mod:`worker.sampling`), for all rows at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .sampling import RowSampler, sample
+
+__all__ = ["SlotBatch", "SlotKVCache", "Step"]
+
+#: Token positions a row's cache grows by.
+LENGTH_BLOCK = 128
+#: Rows the cache grows by.
+ROW_BLOCK = 8
+#: Prompt tokens processed per model call (bounds the attention scores' memory).
+PREFILL_CHUNK = 512
+#: Prompt tokens per prefill batch; prompts of similar length are batched together.
+PREFILL_TOKENS = 2048
+#: Tokens of a row's history the penalty processors see (mlx-lm's use the last 20).
+PENALTY_CONTEXT = 256
+
+
+class SlotKVCache:
+    """One layer's keys and values: a row per sequence, each at its own length.
+
+    :class:`SlotBatch` sets ``offset`` (each active row's length, an array)
+    and ``_fetch`` (the longest row after this step) before a decode step.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Optional[mx.array] = None  # rows x heads x length x dim
+        self.values: Optional[mx.array] = None
+        self.offset: Optional[mx.array] = None
+        self._fetch = 0
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write one new position per active row at its own offset; return the rows' views."""
+        n = keys.shape[0]
+        if keys.shape[2] != 1:
+            raise ValueError("a slot cache takes one token per row per step")
+        rows = self.keys.shape[0]
+        positions = self.offset
+        if n < rows:
+            # The scatter covers every row (so that it runs in place); idle rows
+            # write zeros at their last position, which no row reads unmasked
+            # before writing it itself.
+            pad = rows - n
+            keys = mx.concatenate([keys, mx.zeros((pad, *keys.shape[1:]), keys.dtype)])
+            values = mx.concatenate([values, mx.zeros((pad, *values.shape[1:]), values.dtype)])
+            positions = mx.concatenate([positions, mx.full((pad,), self.length - 1, positions.dtype)])
+        index = positions[:, None, None, None]
+        self.keys = mx.put_along_axis(
+            self.keys, mx.broadcast_to(index, keys.shape), keys, axis=2
+        )
+        self.values = mx.put_along_axis(
+            self.values, mx.broadcast_to(index, values.shape), values, axis=2
+        )
+        return self.keys[:n, :, : self._fetch], self.values[:n, :, : self._fetch]
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
+        """Row ``i`` sees positions ``0..offset[i]`` (its history and the new token)."""
+        visible = mx.arange(self._fetch)[None, :] <= self.offset[:, None]
+        return visible[:, None, None, :]
+
+    def resize(self, rows: int, length: int, used_rows: int, used_length: int, like: Optional[mx.array]) -> None:
+        """Reallocate to ``rows`` x ``length``, keeping the first ``used_rows`` x ``used_length``."""
+        if rows == 0:
+            self.keys = self.values = None
+            return
+        _, heads, _, dim = like.shape
+        keys = mx.zeros((rows, heads, length, dim), like.dtype)
+        values = mx.zeros((rows, heads, length, dim), like.dtype)
+        if self.keys is not None and used_rows and used_length:
+            keys[:used_rows, :, :used_length] = self.keys[:used_rows, :, :used_length]
+            values[:used_rows, :, :used_length] = self.values[:used_rows, :, :used_length]
+        self.keys, self.values = keys, values
+        mx.eval(self.keys, self.values)  # one layer at a time: the old one is freed next
+
+
+@dataclass(frozen=True)
+class Step:
+    """The token one sequence got in one decode step."""
+
+    uid: int
+    token: int
+
+
+@dataclass(eq=False)
+class _Row:
+    uid: int
+    tokens: List[int]  # the prompt, then every generated token
+    length: int  # positions held in the cache (the last token is not yet there)
+    sampler: RowSampler
+    processors: Sequence[Callable] = field(default_factory=tuple)
+
+
+class SlotBatch:
+    """Continuous batching over one model: insert, step, remove, in any order.
+
+    ``insert`` only queues; :meth:`next` prefills queued sequences while rows
+    are free (prompt processing before decoding keeps the batch full), and
+    otherwise runs one decode step for every row. A sequence never ends by
+    itself: its owner removes it.
+    """
+
+    def __init__(self, model, width: int = 32, prefill_tokens: int = PREFILL_TOKENS):
+        if hasattr(model, "make_cache"):
+            from mlx_lm.models.cache import KVCache
+
+            if not all(type(c) is KVCache for c in model.make_cache()):
+                raise ValueError("this model's layers need special caches; only plain KV caches are batched")
+        self.model = model
+        self.width = width
+        self.prefill_tokens = prefill_tokens
+        self.layers = len(model.layers)
+        self.caches = [SlotKVCache() for _ in range(self.layers)]
+        self.rows: List[_Row] = []
+        self.waiting: List[_Row] = []
+        self._next_uid = 0
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.waiting)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def insert(
+        self,
+        prompts: Sequence[Sequence[int]],
+        samplers: Sequence[RowSampler],
+        processors: Optional[Sequence[Sequence[Callable]]] = None,
+    ) -> List[int]:
+        processors = processors or [()] * len(prompts)
+        uids = []
+        for prompt, sampler, procs in zip(prompts, samplers, processors):
+            if not prompt:
+                raise ValueError("empty prompt")
+            uid, self._next_uid = self._next_uid, self._next_uid + 1
+            self.waiting.append(_Row(uid, list(prompt), 0, sampler, tuple(procs)))
+            uids.append(uid)
+        return uids
+
+    def close(self) -> None:
+        """Drop every sequence and free the cache."""
+        self.rows, self.waiting = [], []
+        self._resize(0, 0, [])
+
+    def remove(self, uids: Sequence[int]) -> None:
+        """Drop sequences (queued or running); their rows go to the last rows."""
+        gone = set(uids)
+        self.waiting = [r for r in self.waiting if r.uid not in gone]
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].uid in gone:
+                self._free_row(i)
+        self._shrink()
+
+    def _free_row(self, i: int) -> None:
+        last = len(self.rows) - 1
+        if i != last:
+            moved = self.rows[last]
+            n = moved.length
+            if n:
+                # Materialise the last row first: the write must not read the
+                # buffer it writes to (that would copy the whole cache).
+                parts = [(c.keys[last, :, :n] + 0, c.values[last, :, :n] + 0) for c in self.caches]
+                mx.eval(parts)
+                for c, (k, v) in zip(self.caches, parts):
+                    c.keys[i, :, :n] = k
+                    c.values[i, :, :n] = v
+                mx.eval([c.state for c in self.caches])
+            self.rows[i] = moved
+        self.rows.pop()
+
+    # -- capacity ----------------------------------------------------------------------
+
+    def _capacity(self) -> tuple[int, int]:
+        c = self.caches[0]
+        return c.rows, c.length
+
+    def _ensure(self, rows: int, length: int, like: List[mx.array]) -> None:
+        have_rows, have_length = self._capacity()
+        if rows <= have_rows and length <= have_length:
+            return
+        rows = max(have_rows, _round_up(rows, ROW_BLOCK))
+        length = max(have_length, _round_up(length, LENGTH_BLOCK))
+        self._resize(rows, length, like)
+
+    def _shrink(self) -> None:
+        """Give memory back once the rows use less than half of it."""
+        have_rows, have_length = self._capacity()
+        if not self.rows:
+            if have_rows:
+                self._resize(0, 0, [])
+            return
+        need_rows = _round_up(len(self.rows), ROW_BLOCK)
+        need_length = _round_up(max(r.length for r in self.rows) + 1, LENGTH_BLOCK)
+        if need_rows * 2 <= have_rows or need_length * 2 <= have_length:
+            self._resize(min(need_rows, have_rows), min(need_length, have_length), [])
+
+    def _resize(self, rows: int, length: int, like: List[mx.array]) -> None:
+        used_rows = len(self.rows)
+        used_length = max((r.length for r in self.rows), default=0)
+        for layer, c in enumerate(self.caches):
+            if rows == 0:
+                c.resize(0, 0, 0, 0, None)
+                continue
+            ref = c.keys if c.keys is not None else like[layer]
+            c.resize(rows, length, used_rows, min(used_length, length), ref)
+
+    # -- prefill -----------------------------------------------------------------------
+
+    def _prefill(self) -> bool:
+        """Prefill one batch of queued sequences into free rows; False if none could start.
+
+        The batch is taken from the first sequences that fit in the free rows,
+        shortest prompts first and up to ``prefill_tokens`` tokens, so that
+        prompts of similar length share it and padding stays small.
+        """
+        from mlx_lm.models.cache import BatchKVCache
+
+        free = self.width - len(self.rows)
+        if free <= 0 or not self.waiting:
+            return False
+        candidates = sorted(self.waiting[:free], key=lambda r: len(r.tokens))
+        group = [candidates[0]]
+        for row in candidates[1:]:
+            if (len(group) + 1) * (len(row.tokens) - 1) > self.prefill_tokens:
+                break
+            group.append(row)
+        chosen = {id(r) for r in group}
+        self.waiting = [r for r in self.waiting if id(r) not in chosen]
+        lengths = [len(r.tokens) - 1 for r in group]  # the last token is the first decode input
+        longest = max(lengths)
+        if longest == 0:
+            self._place(group, None, lengths)
+            return True
+        pads = [longest - n for n in lengths]
+        tokens = mx.array([[0] * p + r.tokens[:-1] for p, r in zip(pads, group)])
+        cache = [BatchKVCache(pads) for _ in range(self.layers)]
+        for start in range(0, longest, PREFILL_CHUNK):
+            self.model(tokens[:, start:start + PREFILL_CHUNK], cache=cache)
+            mx.eval([c.state for c in cache])
+        self._place(group, cache, lengths, pads)
+        return True
+
+    def _place(self, group: List[_Row], cache, lengths: List[int], pads: Optional[List[int]] = None) -> None:
+        first = len(self.rows)
+        longest = max(lengths)
+        like = [c.keys for c in cache] if cache is not None else [None] * self.layers
+        if cache is None and self.caches[0].keys is None:
+            like = self._probe_like()
+        self._ensure(first + len(group), max([longest + 1] + [r.length + 1 for r in self.rows]), like)
+        for j, row in enumerate(group):
+            row.length = lengths[j]
+            if cache is not None and lengths[j]:
+                lo, hi = pads[j], pads[j] + lengths[j]
+                for slot, pc in zip(self.caches, cache):
+                    slot.keys[first + j, :, : lengths[j]] = pc.keys[j, :, lo:hi]
+                    slot.values[first + j, :, : lengths[j]] = pc.values[j, :, lo:hi]
+            self.rows.append(row)
+        mx.eval([c.state for c in self.caches])
+
+    def _probe_like(self) -> List[mx.array]:
+        """The keys' shape of every layer, from one token through the model (no rows yet)."""
+        from mlx_lm.models.cache import KVCache
+
+        cache = [KVCache() for _ in range(self.layers)]
+        self.model(mx.array([[0]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        return [c.keys for c in cache]
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def next(self) -> List[Step]:
+        """One prefill batch while rows are free and sequences wait, else one decode step.
+
+        Prompt processing goes first, so the batch is as full as it can be when
+        it decodes; each call does one bounded piece of work, so the caller can
+        look at cancellations in between. A prefill call returns no steps.
+        """
+        if self._prefill() or not self.rows:
+            return []
+        rows = self.rows
+        n = len(rows)
+        longest = max(r.length for r in rows) + 1
+        self._ensure(n, longest, [])
+        offset = mx.array([r.length for r in rows], dtype=mx.int32)
+        for c in self.caches:
+            c.offset = offset
+            c._fetch = longest
+        inputs = mx.array([[r.tokens[-1]] for r in rows])
+        logits = self.model(inputs, cache=self.caches)[:, -1, :]
+        if any(r.processors for r in rows):
+            logits = self._process(logits, rows)
+        logits = logits.astype(mx.float32)
+        mx.eval(logits)
+        tokens = sample(np.array(logits, copy=False), [r.sampler for r in rows])
+        steps = []
+        for row, token in zip(rows, tokens.tolist()):
+            row.length += 1
+            row.tokens.append(token)
+            steps.append(Step(row.uid, token))
+        return steps
+
+    @staticmethod
+    def _process(logits: mx.array, rows: List[_Row]) -> mx.array:
+        out = []
+        for i, row in enumerate(rows):
+            part = logits[i:i + 1]
+            if row.processors:
+                context = mx.array(row.tokens[-PENALTY_CONTEXT:])
+                for processor in row.processors:
+                    part = processor(context, part)
+            out.append(part)
+        return mx.concatenate(out, axis=0)
+
+
+def _round_up(n: int, block: int) -> int:
+    return max(block, -(-n // block) * block)
+
+
+def uses(model: Any) -> bool:
+    """Whether :class:`SlotBatch` can batch ``model`` (its layers use plain KV caches)."""
+    try:
+        SlotBatch(model, 1)
+    except ValueError:
+        return False
+    return True
