@@ -327,6 +327,7 @@ class Engine:
                 make_request_processors(p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
                 for p in ps
             ],
+            max_tokens=[p.max_tokens for p in ps],
         )
         deadline = time.monotonic() + self.time_limit
         for uid, handle in zip(uids, new):

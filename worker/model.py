@@ -80,8 +80,11 @@ def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu:
             "check the name, or download it where there is network access"
         ) from exc
     if not metal:
+        from .fastmath import patch_model
+
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
+        patch_model(model)  # MLX's CPU exp is slow; see worker/fastmath.py
     mx.eval(model.parameters())
     dtype = str(tree_flatten(model.parameters())[0][1].dtype).replace("mlx.core.", "")
     context = int(config.get("max_position_embeddings") or 0) if isinstance(config, dict) else 0

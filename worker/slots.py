@@ -38,8 +38,9 @@ LENGTH_BLOCK = 128
 ROW_BLOCK = 8
 #: Prompt tokens processed per model call (bounds the attention scores' memory).
 PREFILL_CHUNK = 512
-#: Prompt tokens per prefill batch; prompts of similar length are batched together.
-PREFILL_TOKENS = 2048
+#: Prompt tokens per prefill batch, prompts of similar length together (0.5B shape:
+#: 221 tok/s at 120 tokens, 256 at 960, 192 at 1920).
+PREFILL_TOKENS = 1024
 #: Tokens of a row's history the penalty processors see (mlx-lm's use the last 20).
 PENALTY_CONTEXT = 256
 
@@ -132,6 +133,7 @@ class _Row:
     length: int  # positions held in the cache (the last token is not yet there)
     sampler: RowSampler
     processors: Sequence[Callable] = field(default_factory=tuple)
+    limit: int = 0  # the most positions the row may need (0: unknown)
 
 
 class SlotBatch:
@@ -172,14 +174,18 @@ class SlotBatch:
         prompts: Sequence[Sequence[int]],
         samplers: Sequence[RowSampler],
         processors: Optional[Sequence[Sequence[Callable]]] = None,
+        max_tokens: Optional[Sequence[int]] = None,
     ) -> List[int]:
+        """Queue sequences; ``max_tokens`` (the most each will generate) lets the cache grow less often."""
         processors = processors or [()] * len(prompts)
+        max_tokens = max_tokens or [0] * len(prompts)
         uids = []
-        for prompt, sampler, procs in zip(prompts, samplers, processors):
+        for prompt, sampler, procs, most in zip(prompts, samplers, processors, max_tokens):
             if not prompt:
                 raise ValueError("empty prompt")
             uid, self._next_uid = self._next_uid, self._next_uid + 1
-            self.waiting.append(_Row(uid, list(prompt), 0, sampler, tuple(procs)))
+            limit = len(prompt) + most if most else 0
+            self.waiting.append(_Row(uid, list(prompt), 0, sampler, tuple(procs), limit))
             uids.append(uid)
         return uids
 
@@ -220,25 +226,37 @@ class SlotBatch:
         c = self.caches[0]
         return c.rows, c.length
 
-    def _ensure(self, rows: int, length: int, like: List[mx.array]) -> None:
+    def _ensure(self, rows: int, length: int, like: List[mx.array], limits: Sequence[int] = ()) -> None:
+        """Room for ``rows`` x ``length``; growth copies the cache, so it is rare.
+
+        Fresh memory is slow to touch (about 1 GB/s here, page faults), so the
+        length grows at once to the longest any row may need (its prompt and
+        ``max_tokens``; ``limits`` are those of rows about to join) when that
+        is at most four times what is needed now, else it doubles.
+        """
         have_rows, have_length = self._capacity()
         if rows <= have_rows and length <= have_length:
             return
-        rows = max(have_rows, _round_up(rows, ROW_BLOCK))
-        length = max(have_length, _round_up(length, LENGTH_BLOCK))
-        self._resize(rows, length, like)
+        if rows > have_rows:
+            rows = min(max(self.width, rows), max(rows, 2 * have_rows))
+        if length > have_length:
+            bound = max([length, *limits] + [r.limit for r in self.rows])
+            length = bound if bound <= 4 * length else max(length, 2 * have_length)
+        self._resize(
+            max(have_rows, _round_up(rows, ROW_BLOCK)), max(have_length, _round_up(length, LENGTH_BLOCK)), like
+        )
 
     def _shrink(self) -> None:
-        """Give memory back once the rows use less than half of it."""
+        """Give memory back once the rows use a quarter of it (or none)."""
         have_rows, have_length = self._capacity()
         if not self.rows:
             if have_rows:
                 self._resize(0, 0, [])
             return
         need_rows = _round_up(len(self.rows), ROW_BLOCK)
-        need_length = _round_up(max(r.length for r in self.rows) + 1, LENGTH_BLOCK)
-        if need_rows * 2 <= have_rows or need_length * 2 <= have_length:
-            self._resize(min(need_rows, have_rows), min(need_length, have_length), [])
+        need_length = _round_up(max(max(r.length + 1, r.limit) for r in self.rows), LENGTH_BLOCK)
+        if need_rows * 4 <= have_rows or need_length * 4 <= have_length:
+            self._resize(min(2 * need_rows, have_rows), min(need_length, have_length), [])
 
     def _resize(self, rows: int, length: int, like: List[mx.array]) -> None:
         used_rows = len(self.rows)
@@ -292,7 +310,8 @@ class SlotBatch:
         like = [c.keys for c in cache] if cache is not None else [None] * self.layers
         if cache is None and self.caches[0].keys is None:
             like = self._probe_like()
-        self._ensure(first + len(group), max([longest + 1] + [r.length + 1 for r in self.rows]), like)
+        self._ensure(first + len(group), max([longest + 1] + [r.length + 1 for r in self.rows]), like,
+                     [r.limit for r in group])
         for j, row in enumerate(group):
             row.length = lengths[j]
             if cache is not None and lengths[j]:

@@ -1,0 +1,129 @@
+"""The slot batch and the batch sampler, against mlx-lm's own generation (real MLX, tiny model)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+
+from worker.model import load_model
+from worker.sampling import RowSampler, make_request_processors, sample
+from worker.slots import LENGTH_BLOCK, SlotBatch
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_model(str(tiny_model))
+
+
+def _prompts(tokenizer, count):
+    # Lengths from 1 token to a few hundred, so prefill batches pad and rows differ.
+    prompts = [tokenizer.encode("Hi", add_special_tokens=False)[:1]]
+    for i in range(1, count):
+        prompts.append(tokenizer.encode(f"Request {i}: " + "many words " * (i * 13 % 90), add_special_tokens=False))
+    return prompts
+
+
+def _stock_greedy(model, prompt, n):
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(0.0))]
+
+
+def _run(batch, prompts, samplers, lengths, processors=None):
+    """Run ``prompts`` through ``batch``, removing each after ``lengths[i]`` tokens."""
+    uids = batch.insert(prompts, samplers, processors)
+    want = dict(zip(uids, lengths))
+    got = {u: [] for u in uids}
+    while len(batch):
+        for step in batch.next():
+            got[step.uid].append(step.token)
+        batch.remove([u for u in uids if len(got[u]) >= want[u] and u in {r.uid for r in batch.rows}])
+    return [got[u] for u in uids]
+
+
+def test_greedy_tokens_equal_mlx_lm_through_joins_and_leaves(loaded):
+    """Rows of different lengths join and leave a batch narrower than the requests."""
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 14)
+    lengths = [3 + (i * 7) % 25 for i in range(len(prompts))]
+    expected = [_stock_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    batch = SlotBatch(model, width=5, prefill_tokens=300)
+    assert _run(batch, prompts, [RowSampler(0.0) for _ in prompts], lengths) == expected
+    assert batch.nbytes == 0  # an empty batch holds no cache
+
+
+def test_seeded_rows_are_the_same_alone_and_beside_others(loaded):
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 9)
+    settings = [(0.9, None, None), (1.3, 0.8, None), (0.7, None, 12), (1.0, 0.5, 40)]
+    for temperature, top_p, top_k in settings:
+        alone = _run(SlotBatch(model, width=4), [prompts[3]], [RowSampler(temperature, top_p, top_k, 99)], [20])[0]
+        samplers = [RowSampler(0.8, None, None, s) for s in range(len(prompts))]
+        samplers[3] = RowSampler(temperature, top_p, top_k, 99)
+        beside = _run(SlotBatch(model, width=4), prompts, samplers, [20] * len(prompts))[3]
+        assert beside == alone
+
+
+def test_penalties_run_per_row(loaded):
+    """A repetition penalty changes greedy output only for the row that asked for it."""
+    model = loaded.model
+    prompt = loaded.tokenizer.encode("again and again and again", add_special_tokens=False)
+    plain = _stock_greedy(model, prompt, 30)
+    processors = [(), make_request_processors(1.9, None, 1.5)]
+    out = _run(SlotBatch(model, width=4), [prompt, prompt], [RowSampler(0.0), RowSampler(0.0)], [30, 30], processors)
+    assert out[0] == plain
+    assert out[1] != plain
+
+
+def test_the_cache_grows_in_blocks_and_shrinks_when_rows_leave(loaded):
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 8)
+    batch = SlotBatch(model, width=8)
+    uids = batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    while batch.waiting:
+        batch.next()
+    batch.next()
+    rows, length = batch._capacity()
+    assert rows == 8 and length % LENGTH_BLOCK == 0 and length > max(len(p) for p in prompts)
+    full = batch.nbytes
+    batch.remove(uids[1:])  # the shortest prompt is left
+    assert 0 < batch.nbytes < full / 2
+    batch.next()
+    batch.remove(uids[:1])
+    assert batch.nbytes == 0
+
+
+def test_the_sampler_draws_from_the_softmax_at_its_temperature():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
+    for temperature in (1.0, 0.5):
+        sampler = RowSampler(temperature, seed=3)
+        draws = np.array([sample(logits, [sampler])[0] for _ in range(20000)])
+        freq = np.bincount(draws, minlength=4) / len(draws)
+        p = np.exp(logits[0] / temperature)
+        assert np.allclose(freq, p / p.sum(), atol=0.015), (temperature, freq)
+
+
+def test_the_sampler_cuts_and_greedy():
+    logits = np.log(np.array([[0.05, 0.5, 0.3, 0.15]], dtype=np.float32))
+    assert sample(logits, [RowSampler(0.0)])[0] == 1
+    top_k = RowSampler(1.0, top_k=2, seed=1)
+    assert set(sample(logits, [top_k])[0] for _ in range(300)) == {1, 2}
+    top_p = RowSampler(1.0, top_p=0.7, seed=1)  # 0.5 + 0.3 reaches 0.7
+    assert set(sample(logits, [top_p])[0] for _ in range(300)) == {1, 2}
+    tiny_p = RowSampler(2.0, top_p=0.01, seed=1)
+    assert set(sample(logits, [tiny_p])[0] for _ in range(50)) == {1}
+
+
+def test_each_row_keeps_its_own_random_stream():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 1000)).astype(np.float32) * 3
+    alone = [sample(logits[2:3], [RowSampler(0.9, seed=5)])[0] for _ in range(1)]
+    a, b = RowSampler(0.9, seed=5), RowSampler(0.9, seed=5)
+    seq_alone = [sample(logits[2:3], [a])[0] for _ in range(10)]
+    others = [RowSampler(0.5 + i / 10, 0.9 if i % 2 else None, None, i) for i in range(6)]
+    seq_batched = []
+    for _ in range(10):
+        others[2] = b
+        seq_batched.append(sample(logits, others)[2])
+    assert seq_alone == seq_batched and seq_alone[0] == alone[0]
