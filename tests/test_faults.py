@@ -301,7 +301,11 @@ def test_visibility_timeout_redelivery_is_a_no_op(cluster):
     opts = ("--visibility-timeout", "2", "--time-limit", "1000", "--lease", "30")
     w1 = cluster.worker("W1", *opts)
     total = 4
-    job = cluster.submit(long_rows(total, 6000))
+    # Long enough that the requests still run when the duplicates arrive (about
+    # 10 s after the start), on a machine twice as fast as this one too; the
+    # tiny model's greedy answers to these two prompts run past 12000 tokens.
+    job = cluster.submit([{"prompt": p, "max_tokens": 12000, "temperature": 0}
+                          for p in ("story 5", "story 31", "story 5", "story 31")])
     cluster.wait_running(job, at_least=total)
     # W1 holds the four messages unacknowledged. Once they are older than the
     # visibility timeout, a worker whose consumer starts restores them to the
@@ -318,9 +322,9 @@ def test_visibility_timeout_redelivery_is_a_no_op(cluster):
     wait_until("the re-delivered tasks to be skipped", skipped, 30, 0.1)
     # They were skipped while the requests still ran: the duplicates saw live leases.
     assert cluster.store.request_states(job, range(total)) == ["running"] * total
-    cluster.wait_done(job, timeout=90)
+    cluster.wait_done(job, timeout=240)
     lines = assert_all_completed(cluster, job, total)
-    assert all(line["result"]["usage"]["completion_tokens"] == 6000 for line in lines)
+    assert all(line["result"]["usage"]["completion_tokens"] == 12000 for line in lines)
     assert cluster.attempts(job) == {i: 1 for i in range(total)}
     assert w1.succeeded().count("completed") == total and "completed" not in w2.succeeded()
     assert "re-queued" not in w1.text() + w2.text()

@@ -31,8 +31,9 @@ __all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRe
 
 log = logging.getLogger(__name__)
 
-#: Bytes of freed buffers MLX may keep for reuse on the CPU.
-_CPU_CACHE_LIMIT = 256 * 2**20
+#: Bytes of freed buffers MLX may keep for reuse on the CPU (0.5B shape, 64 requests:
+#: 32 MB against 256 MB cost 2% of speed, within noise, and saved 226 MB of peak RSS).
+_CPU_CACHE_LIMIT = 64 * 2**20
 
 #: Token positions mlx-lm's batch KV cache grows by (its own default is 256);
 #: the slot batch prefills new requests with it, so smaller blocks waste less.

@@ -8,11 +8,10 @@ Here every sequence has a row of a cache that is allocated once per layer
 (``rows x kv_heads x length x head_dim``) and grows in blocks. Each row holds
 its own tokens from position 0; a decode step writes each row's new key and
 value at that row's own position (one scatter, in place) and masks the rest.
-A sequence that joins is prefilled in a small left-padded batch of its own
-(with mlx-lm's ``BatchKVCache``) and copied into its row; one that leaves
-hands its row to the last row, whose keys and values move into it. Nothing
-else is ever copied, and the cache is the only memory that grows with the
-batch.
+Sequences that join are prefilled together, right-padded, straight into their
+rows; one that leaves hands its row to the last row, whose keys and values
+move into it. Nothing else is ever copied, and the cache is the only memory
+that grows with the batch.
 
 The batch runs mlx-lm models unchanged: a layer's cache is a
 :class:`SlotKVCache`, which offers what their attention uses (``offset``,
@@ -33,7 +32,7 @@ from .sampling import RowSampler, sample
 __all__ = ["SlotBatch", "SlotKVCache", "Step"]
 
 #: Token positions a row's cache grows by.
-LENGTH_BLOCK = 128
+LENGTH_BLOCK = 32
 #: Rows the cache grows by.
 ROW_BLOCK = 8
 #: Prompt tokens processed per model call (bounds the attention scores' memory).
@@ -57,6 +56,8 @@ class SlotKVCache:
         self.values: Optional[mx.array] = None
         self.offset: Optional[mx.array] = None
         self._fetch = 0
+        #: While prefilling: rows ``lo:hi`` take positions from ``start`` on.
+        self.span: Optional[tuple[int, int, int]] = None
 
     @property
     def rows(self) -> int:
@@ -75,7 +76,17 @@ class SlotKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Write one new position per active row at its own offset; return the rows' views."""
+        """Write one new position per active row at its own offset; return the rows' views.
+
+        While prefilling (``span`` is set), write the chunk at the same
+        positions of each row of the span instead (one slice, in place).
+        """
+        if self.span is not None:
+            lo, hi, start = self.span
+            end = start + keys.shape[2]
+            self.keys[lo:hi, :, start:end] = keys
+            self.values[lo:hi, :, start:end] = values
+            return self.keys[lo:hi, :, :end], self.values[lo:hi, :, :end]
         n = keys.shape[0]
         if keys.shape[2] != 1:
             raise ValueError("a slot cache takes one token per row per step")
@@ -99,7 +110,14 @@ class SlotKVCache:
         return self.keys[:n, :, : self._fetch], self.values[:n, :, : self._fetch]
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
-        """Row ``i`` sees positions ``0..offset[i]`` (its history and the new token)."""
+        """Row ``i`` sees positions ``0..offset[i]`` (its history and the new token).
+
+        While prefilling, a causal mask over the span's positions.
+        """
+        if self.span is not None:
+            from mlx_lm.models.base import create_causal_mask
+
+            return create_causal_mask(N, offset=self.span[2])
         visible = mx.arange(self._fetch)[None, :] <= self.offset[:, None]
         return visible[:, None, None, :]
 
@@ -226,7 +244,7 @@ class SlotBatch:
         c = self.caches[0]
         return c.rows, c.length
 
-    def _ensure(self, rows: int, length: int, like: List[mx.array], limits: Sequence[int] = ()) -> None:
+    def _ensure(self, rows: int, length: int, limits: Sequence[int] = ()) -> None:
         """Room for ``rows`` x ``length``; growth copies the cache, so it is rare.
 
         Fresh memory is slow to touch (about 1 GB/s here, page faults), so the
@@ -242,6 +260,7 @@ class SlotBatch:
         if length > have_length:
             bound = max([length, *limits] + [r.limit for r in self.rows])
             length = bound if bound <= 4 * length else max(length, 2 * have_length)
+        like = self._probe_like() if self.caches[0].keys is None else []
         self._resize(
             max(have_rows, _round_up(rows, ROW_BLOCK)), max(have_length, _round_up(length, LENGTH_BLOCK)), like
         )
@@ -271,14 +290,15 @@ class SlotBatch:
     # -- prefill -----------------------------------------------------------------------
 
     def _prefill(self) -> bool:
-        """Prefill one batch of queued sequences into free rows; False if none could start.
+        """Prefill one batch of queued sequences straight into free rows; False if none could start.
 
         The batch is taken from the first sequences that fit in the free rows,
         shortest prompts first and up to ``prefill_tokens`` tokens, so that
-        prompts of similar length share it and padding stays small.
+        prompts of similar length share it and padding stays small. Prompts
+        are right-padded: each row's tokens sit at positions ``0..n-1`` of its
+        own row, as decoding wants them, and the padding after them is
+        overwritten by decoding before any query can see it.
         """
-        from mlx_lm.models.cache import BatchKVCache
-
         free = self.width - len(self.rows)
         if free <= 0 or not self.waiting:
             return False
@@ -292,38 +312,29 @@ class SlotBatch:
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         lengths = [len(r.tokens) - 1 for r in group]  # the last token is the first decode input
         longest = max(lengths)
-        if longest == 0:
-            self._place(group, None, lengths)
-            return True
-        pads = [longest - n for n in lengths]
-        tokens = mx.array([[0] * p + r.tokens[:-1] for p, r in zip(pads, group)])
-        cache = [BatchKVCache(pads) for _ in range(self.layers)]
-        for start in range(0, longest, PREFILL_CHUNK):
-            self.model(tokens[:, start:start + PREFILL_CHUNK], cache=cache)
-            mx.eval([c.state for c in cache])
-        self._place(group, cache, lengths, pads)
+        first = len(self.rows)
+        # Room for the rows that will join next too: growing copies the cache.
+        upcoming = group + self.waiting[: max(0, free - len(group))]
+        self._ensure(first + len(upcoming), max([longest + 1] + [r.length + 1 for r in self.rows]),
+                     [r.limit for r in upcoming])
+        self.rows.extend(group)
+        if longest:
+            tokens = mx.array([r.tokens[:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
+            try:
+                for start in range(0, longest, PREFILL_CHUNK):
+                    for c in self.caches:
+                        c.span, c.offset = (first, first + len(group), start), start
+                    self.model(tokens[:, start:start + PREFILL_CHUNK], cache=self.caches)
+                    mx.eval([c.state for c in self.caches])
+            finally:
+                for c in self.caches:
+                    c.span = None
+        for row, n in zip(group, lengths):
+            row.length = n
         return True
 
-    def _place(self, group: List[_Row], cache, lengths: List[int], pads: Optional[List[int]] = None) -> None:
-        first = len(self.rows)
-        longest = max(lengths)
-        like = [c.keys for c in cache] if cache is not None else [None] * self.layers
-        if cache is None and self.caches[0].keys is None:
-            like = self._probe_like()
-        self._ensure(first + len(group), max([longest + 1] + [r.length + 1 for r in self.rows]), like,
-                     [r.limit for r in group])
-        for j, row in enumerate(group):
-            row.length = lengths[j]
-            if cache is not None and lengths[j]:
-                lo, hi = pads[j], pads[j] + lengths[j]
-                for slot, pc in zip(self.caches, cache):
-                    slot.keys[first + j, :, : lengths[j]] = pc.keys[j, :, lo:hi]
-                    slot.values[first + j, :, : lengths[j]] = pc.values[j, :, lo:hi]
-            self.rows.append(row)
-        mx.eval([c.state for c in self.caches])
-
     def _probe_like(self) -> List[mx.array]:
-        """The keys' shape of every layer, from one token through the model (no rows yet)."""
+        """The keys of every layer for one token: their heads, dimension and dtype."""
         from mlx_lm.models.cache import KVCache
 
         cache = [KVCache() for _ in range(self.layers)]
@@ -345,7 +356,7 @@ class SlotBatch:
         rows = self.rows
         n = len(rows)
         longest = max(r.length for r in rows) + 1
-        self._ensure(n, longest, [])
+        self._ensure(n, longest)
         offset = mx.array([r.length for r in rows], dtype=mx.int32)
         for c in self.caches:
             c.offset = offset
