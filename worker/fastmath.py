@@ -143,8 +143,20 @@ def _original(_: Any, name: str):
     return _ORIGINALS[name]
 
 
+def warm_up() -> None:
+    """Compile the kernels now (a C++ compiler run each, cached on disk by MLX).
+
+    MLX compiles through ``system()``, which ignores SIGINT in the whole
+    process while the compiler runs: compiled at load, a Ctrl-C in the first
+    seconds of a job is not lost.
+    """
+    x = mx.zeros((16,))
+    mx.eval(fast_exp(x), swiglu(x, x))
+
+
 def patch_model(model: Any) -> list[str]:
     """Use this module's functions in ``model``'s own module; returns the names swapped."""
+    warm_up()
     module = sys.modules.get(type(model).__module__)
     swapped = []
     for name, fn in (("swiglu", swiglu), ("scaled_dot_product_attention", scaled_dot_product_attention)):
