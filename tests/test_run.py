@@ -53,6 +53,8 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
         [sys.executable, "-m", "cli", "run", str(path), "--embedded", "--data-dir", data,
          "--model", str(tiny_model), "--concurrency", "4"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background (`cmd &`) inherits SIGINT ignored: undo that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Wait until it generates (a progress line with a job id), then interrupt.
