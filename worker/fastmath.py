@@ -80,7 +80,7 @@ def fast_exp(x: mx.array) -> mx.array:
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """``silu(gate) * x``, as mlx-lm's, with :func:`fast_exp`."""
     if gate.dtype != mx.float32 or x.dtype != mx.float32 or gate.shape != x.shape:
-        return _original(gate, "swiglu")(gate, x)
+        return _original("swiglu")(gate, x)
     size = _bucket(gate.size)
     return _swiglu(_flat(gate, size), _flat(x, size))[: gate.size].reshape(gate.shape)
 
@@ -100,7 +100,7 @@ def scaled_dot_product_attention(
     anything but float32.
     """
     if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32 or keys.dtype != mx.float32:
-        return _original(queries, "scaled_dot_product_attention")(
+        return _original("scaled_dot_product_attention")(
             queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks
         )
     B, heads, L, D = queries.shape
@@ -133,7 +133,7 @@ def scaled_dot_product_attention(
 _ORIGINALS: dict[str, Any] = {}
 
 
-def _original(_: Any, name: str):
+def _original(name: str):
     if name not in _ORIGINALS:
         if name == "swiglu":
             from mlx_lm.models.activations import swiglu as fn
@@ -162,7 +162,7 @@ def patch_model(model: Any) -> list[str]:
     for name, fn in (("swiglu", swiglu), ("scaled_dot_product_attention", scaled_dot_product_attention)):
         current = getattr(module, name, None)
         if current is not None and current is not fn:
-            _original(None, name)
+            _original(name)
             setattr(module, name, fn)
             swapped.append(name)
     return swapped

@@ -22,7 +22,7 @@ The batch runs mlx-lm models unchanged: a layer's cache is a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -391,11 +391,3 @@ class SlotBatch:
 def _round_up(n: int, block: int) -> int:
     return max(block, -(-n // block) * block)
 
-
-def uses(model: Any) -> bool:
-    """Whether :class:`SlotBatch` can batch ``model`` (its layers use plain KV caches)."""
-    try:
-        SlotBatch(model, 1)
-    except ValueError:
-        return False
-    return True
