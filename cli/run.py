@@ -92,7 +92,7 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
                 from worker.tasks import enqueue
 
                 info, invalid, errors = ingest(store, file, model)
-                enqueue(info.job_id, store.queued_indices(info.job_id), model)
+                enqueue(info.job_id, store.queued_indices(info.job_id), model, store)
                 report_invalid(invalid, errors)
             click.echo(f"mlxq: job {info.job_id} on {mask_url(url)}", err=True)
             try:

@@ -115,7 +115,7 @@ def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_to
     store.retention = retention
     info, invalid, errors = ingest(store, file, model, max_line_bytes, max_requests, max_total_tokens)
     configure(ctx.obj["redis_url"])
-    enqueue(info.job_id, store.queued_indices(info.job_id), model)
+    enqueue(info.job_id, store.queued_indices(info.job_id), model, store)
     report_invalid(invalid, errors)
     if as_json and not wait:
         echo_json({"job_id": info.job_id, "total": info.total, "invalid": invalid})

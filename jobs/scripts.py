@@ -147,3 +147,15 @@ if #out > 0 then
 end
 return out
 """
+
+
+# Claim the jobs whose sender's claim has run out (score <= now): push their
+# deadline to ARGV[2], so that one caller at a time sends for each.
+# KEYS: unsent set. ARGV: now, new deadline, limit.
+CLAIM_UNSENT = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+end
+return ids
+"""

@@ -10,6 +10,8 @@ Keys of job ``J`` (all expire after the retention):
 - ``mlxq:job:J:cid``    hash: explicit custom_id -> index (duplicate detection)
 - ``mlxq:job:J:events`` stream: partial results (see :mod:`jobs.events`)
 - ``mlxq:jobs``         sorted set: job ids by creation time
+- ``mlxq:unsent``       sorted set: job ids whose Celery messages are not all
+                        sent yet, by the time their sender's claim runs out
 
 Every change of state that touches more than one key is one Lua script.
 """
@@ -38,6 +40,9 @@ __all__ = ["JobStore", "JobInfo", "Start", "connect"]
 
 _CHUNK = 1000
 LEASES = f"{KEY_PREFIX}:leases"
+UNSENT = f"{KEY_PREFIX}:unsent"
+#: Seconds a job's sender has to send (or renew its claim) before a worker sends for it.
+SEND_GRACE = 60.0
 
 
 def connect(url: str) -> redis.Redis:
@@ -143,6 +148,7 @@ class JobStore:
         self._requeue = client.register_script(scripts.REQUEUE)
         self._retry = client.register_script(scripts.RETRY)
         self._emit = client.register_script(EMIT_SCRIPT)
+        self._claim_unsent = client.register_script(scripts.CLAIM_UNSENT)
         self.stream_maxlen = DEFAULT_STREAM_MAXLEN
 
     @classmethod
@@ -238,8 +244,35 @@ class JobStore:
         for k in self._keys(job_id)[:7]:
             pipe.expire(k, self.retention)
         pipe.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
+        pipe.zadd(UNSENT, {job_id: now + SEND_GRACE})
         pipe.execute()
         return self.info(job_id)
+
+    # -- sending a job's messages -------------------------------------------
+    #
+    # A job is stored and made visible in one step, then one Celery message per
+    # request is sent. A sender that dies in between (killed, or its broker
+    # connection lost) would leave requests queued with no message: until it
+    # calls sent(), the job stays in UNSENT, and a worker's lease keeper sends
+    # its queued requests once the claim has run out. A request sent twice is
+    # harmless: the first delivery claims it, the other finds it taken.
+
+    @_wrap
+    def sending(self, job_id: str, grace: float = SEND_GRACE) -> None:
+        """Renew this sender's claim on the job's sending."""
+        self.r.zadd(UNSENT, {job_id: time.time() + grace}, xx=True)
+
+    @_wrap
+    def sent(self, job_id: str) -> None:
+        """Every queued request of the job has its message."""
+        self.r.zrem(UNSENT, job_id)
+
+    @_wrap
+    def claim_unsent(self, grace: float = SEND_GRACE, limit: int = 10) -> list[str]:
+        """Jobs whose sender's claim ran out, now claimed by the caller for ``grace`` seconds."""
+        now = time.time()
+        ids = self._claim_unsent(keys=[UNSENT], args=[repr(now), repr(now + grace), limit])
+        return [i.decode() for i in ids]
 
     @_wrap
     def discard(self, job_id: str) -> None:

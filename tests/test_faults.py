@@ -251,6 +251,40 @@ def test_redis_killed_and_restarted_mid_job(cluster):
     assert attempts == {i: 1 for i in range(total)}, attempts
 
 
+def test_submit_killed_while_sending_loses_no_request(cluster):
+    """``mlxq submit`` killed after storing its job, before it sent every message.
+
+    The job stays in the unsent set; once its sender's claim has run out, a
+    worker's lease keeper sends the queued requests. Every request runs once:
+    those whose first message did go out are not run twice.
+    """
+    total = 600
+    path = write_jsonl(cluster.tmp / "many.jsonl",
+                       [{"prompt": f"hi {i}", "max_tokens": 1, "temperature": 0} for i in range(total)])
+    r = cluster.store.r
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        job = wait_until("the job to be stored", lambda: [i.decode() for i in r.zrange("mlxq:jobs", 0, -1)], 60,
+                         0.001)[0]
+    finally:
+        proc.kill()
+        proc.wait(10)
+    sent = r.llen(f"mlxq:{cluster.model}")
+    assert sent < total, f"submit sent all {sent} messages before it was killed"
+    assert r.zscore("mlxq:unsent", job) is not None
+
+    r.zadd("mlxq:unsent", {job: 0})  # as if its sender's claim (60 s) had run out
+    w = cluster.worker("W")
+    cluster.wait_done(job, timeout=240)
+    assert_all_completed(cluster, job, total)
+    assert cluster.attempts(job) == {i: 1 for i in range(total)}
+    assert re.search(rf"job {job}: its sender stopped before sending every request; sent its \d+ queued", w.text())
+    assert r.zcard("mlxq:unsent") == 0
+
+
 # -- 3 ---------------------------------------------------------------------------------------
 
 
@@ -322,7 +356,7 @@ def test_visibility_timeout_redelivery_is_a_no_op(cluster):
     wait_until("the re-delivered tasks to be skipped", skipped, 30, 0.1)
     # They were skipped while the requests still ran: the duplicates saw live leases.
     assert cluster.store.request_states(job, range(total)) == ["running"] * total
-    cluster.wait_done(job, timeout=240)
+    cluster.wait_done(job, timeout=900)
     lines = assert_all_completed(cluster, job, total)
     assert all(line["result"]["usage"]["completion_tokens"] == 12000 for line in lines)
     assert cluster.attempts(job) == {i: 1 for i in range(total)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import redis
@@ -424,6 +425,20 @@ def test_discard_before_finalize(store, redis_client):
     assert redis_client.exists(store.key(job_id, "req"))
     store.discard(job_id)
     assert list(redis_client.scan_iter(f"{KEY_PREFIX}:job:{job_id}*")) == []
+
+
+def test_a_new_job_is_unsent_until_its_sender_says_so(store, redis_client):
+    job_id = make_job(store, prompts(2))
+    deadline = redis_client.zscore(f"{KEY_PREFIX}:unsent", job_id)
+    assert deadline is not None and deadline > time.time() + 30
+    assert store.claim_unsent() == []  # its sender's claim still runs
+    store.sending(job_id, grace=0)
+    assert store.claim_unsent(grace=60) == [job_id]
+    assert store.claim_unsent(grace=60) == []  # one claimant at a time
+    store.sent(job_id)
+    assert redis_client.zcard(f"{KEY_PREFIX}:unsent") == 0
+    store.sending(job_id, grace=0)  # renewing after the end adds nothing back
+    assert redis_client.zcard(f"{KEY_PREFIX}:unsent") == 0
 
 
 def test_model_of(store):

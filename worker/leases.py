@@ -1,5 +1,8 @@
 """Keep this worker's leases alive, and re-queue the requests of dead workers.
 
+It also sends the messages of jobs whose sender died before sending them
+all (see ``send_orphans``).
+
 A running request holds a lease in Redis. This thread renews the leases of
 the requests its worker runs; a worker killed mid-generation stops renewing,
 so its leases lapse, and the next look by any live worker's keeper puts those
@@ -15,8 +18,8 @@ import logging
 import threading
 from typing import Callable, Iterable
 
-from jobs.errors import StoreError
-from jobs.store import JobStore
+from jobs.errors import JobNotFound, StoreError
+from jobs.store import SEND_GRACE, JobStore
 
 __all__ = ["LeaseKeeper"]
 
@@ -31,12 +34,14 @@ class LeaseKeeper:
         send: Callable[[str, Iterable[int], str], int],
         lease: float,
         model: str | None = None,
+        send_grace: float = SEND_GRACE,
     ):
         self.store = store
         self.running = running
         self.send = send
         self.lease = lease
         self.model = model
+        self.send_grace = send_grace
         self._redis_was_down = False
         self.interval = max(0.2, min(lease / 4, 15.0))
         self.requeued = 0
@@ -55,6 +60,7 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.tick()
+                self.send_orphans()
                 if self._redis_was_down:
                     self.resend_queued()
                     self._redis_was_down = False
@@ -76,6 +82,30 @@ class LeaseKeeper:
                 sent += self.send(info.job_id, self.store.queued_indices(info.job_id), info.model)
         if sent:
             log.warning("Redis was unreachable: sent %d queued requests again (duplicates are no-ops)", sent)
+
+    def send_orphans(self) -> int:
+        """Send the queued requests of jobs whose sender died before it had sent them all.
+
+        ``mlxq submit`` stores a job, then sends its messages; killed in between,
+        it leaves queued requests no message will ever deliver. Such a job stays
+        in the store's unsent set, and once its sender's claim has run out, the
+        first keeper to look claims it and sends them (duplicates are no-ops).
+        """
+        count = 0
+        for job_id in self.store.claim_unsent(self.send_grace):
+            try:
+                info = self.store.info(job_id)
+            except JobNotFound:  # expired, or discarded
+                self.store.sent(job_id)
+                continue
+            sent = 0
+            if not info.status.terminal:
+                sent = self.send(job_id, self.store.queued_indices(job_id), info.model)
+            self.store.sent(job_id)
+            count += sent
+            log.warning("job %s: its sender stopped before sending every request; sent its %d queued requests",
+                        job_id, sent)
+        return count
 
     def tick(self) -> None:
         self.store.renew(self.running(), self.lease)
