@@ -4,6 +4,7 @@ Usage (with the project's venv)::
 
     .venv/bin/python benchmarks/throughput.py [--shape 0.5b|small] [--requests N] [--json]
         [--width W] [--redis-url URL] [--seed S] [--stock-requests K | --skip-stock]
+        [--torch]
 
 One run measures three phases on the same requests (chat prompts of ~30-200
 tokens, 64-128 new tokens each, temperature 0.6, all derived from ``--seed``):
@@ -22,6 +23,12 @@ tokens, 64-128 new tokens each, temperature 0.6, all derived from ``--seed``):
     mlx-lm as pip installs it (mlx's bundled reference BLAS, no preload): one
     request after another through ``stream_generate`` (what ``generate``
     wraps, which also reports the token count) on the first K requests.
+``torch`` (with ``--torch``; needs ``pip install torch==2.13.0 transformers``)
+    PyTorch on the CPU with transformers ``generate``: static batches of W in
+    request order, left-padded, sampling at temperature 0.6 (top_p 1, top_k
+    0), all CPU threads. A row's tokens count up to its own ``max_tokens`` or
+    its first end token, though its batch runs until its longest row ends.
+    This is the issue's PyTorch bar, measured in the same run.
 
 Each phase runs in its own process (this script with the hidden ``--phase``
 option, which prints one JSON line), so each can have its own BLAS. The model
@@ -111,13 +118,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stock-requests", type=_positive, default=4,
                         help="requests for the slow stock phase, the first K of the same set (default: 4)")
     parser.add_argument("--skip-stock", action="store_true", help="skip the stock phase")
+    parser.add_argument("--torch", action="store_true",
+                        help="also run PyTorch with transformers, static batches of --width "
+                             "(needs: pip install torch==2.13.0 transformers)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
                         help="Redis database for the e2e phase; its mlxq:* keys are flushed "
                              "(default: redis://127.0.0.1:6379/14)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="limit for each phase in seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     # Internal: run one measurement in this (sub)process and print one JSON line.
-    parser.add_argument("--phase", choices=("build", "raw", "stock"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("build", "raw", "stock", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--requests-file", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -264,9 +274,14 @@ def mlxq_executable() -> str:
 # -- the e2e phase ------------------------------------------------------------------
 
 
-def check_environment() -> None:
+def check_environment(torch: bool = False) -> None:
     """The modules the phases need are importable by this Python, or BenchError."""
     import importlib.util
+
+    if torch:
+        absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if absent:
+            raise BenchError(f"--torch needs {' and '.join(absent)}: .venv/bin/pip install torch==2.13.0 transformers")
 
     missing = [m for m in ("redis", "jinja2", "tokenizers", "mlx_lm") if importlib.util.find_spec(m) is None]
     if missing:
@@ -534,6 +549,59 @@ def phase_stock(model_dir: Path, requests_file: Path, count: int) -> dict[str, A
     }
 
 
+def phase_torch(model_dir: Path, requests_file: Path, width: int, seed: int) -> dict[str, Any]:
+    """Hidden phase: PyTorch (transformers ``generate``), static batches of ``width`` in request order.
+
+    Each batch is left-padded and runs until its longest ``max_tokens``; a row's
+    tokens count up to its own ``max_tokens`` or its first end token, as mlxq's usage does.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    prompts, max_tokens, _ = load_prompts(tokenizer, requests_file)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else min(eos)
+
+    def run(batch: Sequence[list[int]], limits: Sequence[int]) -> int:
+        longest = max(map(len, batch))
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), min_new_tokens=0,
+                                 do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, pad_token_id=pad)
+        count = 0
+        for row, limit in zip(out[:, longest:].tolist(), limits):
+            row = row[:limit]
+            ends = [i for i, t in enumerate(row) if t in eos]
+            count += ends[0] + 1 if ends else len(row)
+        return count
+
+    run(prompts[:2], [4, 4])
+    tokens = 0
+    start = time.perf_counter()
+    for lo in range(0, len(prompts), width):
+        tokens += run(prompts[lo:lo + width], max_tokens[lo:lo + width])
+    seconds = time.perf_counter() - start
+    return {
+        "requests": len(prompts), "tokens": tokens, "seconds": seconds,
+        "blas": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        "prompt_tokens": sum(map(len, prompts)), "peak_rss_mb": own_peak_rss_mb(),
+    }
+
+
+def run_torch(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
+    log(f"torch: transformers generate, {args.requests} requests, static batches of {args.width}")
+    out = run_phase(["--phase", "torch", "--model-dir", str(model_dir), "--requests-file", str(requests_file),
+                     "--width", str(args.width), "--seed", str(args.seed)],
+                    env=clean_env(), timeout=args.timeout, what="torch phase")
+    return _phase_result("torch", out)
+
+
 def run_raw(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
     from worker.blas import find_openblas
 
@@ -579,7 +647,8 @@ def _ratio(a: Optional[PhaseResult], b: Optional[PhaseResult]) -> Optional[float
 
 
 def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequence[dict[str, Any]],
-              e2e: PhaseResult, raw: PhaseResult, stock: Optional[PhaseResult]) -> dict[str, Any]:
+              e2e: PhaseResult, raw: PhaseResult, stock: Optional[PhaseResult],
+              torch: Optional[PhaseResult] = None) -> dict[str, Any]:
     """The JSON report."""
     weights_mb = facts["weights_bytes"] / MB
     kv_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests], args.width) / MB
@@ -591,6 +660,8 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "stock_tok_s": round(stock.tok_s, 3) if stock else None,
         "e2e_over_raw": _ratio(e2e, raw),
         "e2e_over_stock": _ratio(e2e, stock),
+        "torch_tok_s": round(torch.tok_s, 2) if torch else None,
+        "e2e_over_torch": _ratio(e2e, torch),
         "requests": e2e.requests,
         "new_tokens": e2e.tokens,
         "peak_rss_mb": round(peak, 1) if peak is not None else None,
@@ -599,8 +670,8 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "rss_over_budget_mb": round(peak - weights_mb - kv_mb, 1) if peak is not None else None,
         "shape": args.shape,
         "width": args.width,
-        "blas": {p.name: p.blas for p in (e2e, raw, stock) if p},
-        "seconds": {p.name: round(p.seconds, 2) for p in (e2e, raw, stock) if p},
+        "blas": {p.name: p.blas for p in (e2e, raw, stock, torch) if p},
+        "seconds": {p.name: round(p.seconds, 2) for p in (e2e, raw, stock, torch) if p},
         "e2e_server_tok_s": round(e2e.tokens / server_s, 2) if server_s else None,
         "raw_new_tokens": raw.tokens,
         "raw_prefill_s": round(raw.extra["prefill_seconds"], 2),
@@ -625,7 +696,8 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
         vs_stock = f"{p.tok_s / stock.tok_s:.1f}" if stock and stock.tok_s else "-"
         rows.append(f"{p.name:<6} {p.requests:>8} {p.tokens:>10} {p.seconds:>9.2f} {p.tok_s:>9.2f} "
                     f"{vs_stock:>8}  {p.blas}")
-    rows.append(f"e2e/raw {_fmt(report['e2e_over_raw'])}, e2e/stock {_fmt(report['e2e_over_stock'])}; "
+    rows.append(f"e2e/raw {_fmt(report['e2e_over_raw'])}, e2e/stock {_fmt(report['e2e_over_stock'])}, "
+                f"e2e/torch {_fmt(report['e2e_over_torch'])}; "
                 f"worker-side e2e {_fmt(report['e2e_server_tok_s'])} tok/s (first claim to last result)")
     rows.append(f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} "
                 f"+ kv estimate {report['kv_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}; "
@@ -650,6 +722,8 @@ def run_phase_here(args: argparse.Namespace) -> None:
         out = phase_build(args.model_dir, args.shape, args.model_seed)
     elif args.phase == "raw":
         out = phase_raw(args.model_dir, args.requests_file, args.width, args.seed)
+    elif args.phase == "torch":
+        out = phase_torch(args.model_dir, args.requests_file, args.width, args.seed)
     else:
         out = phase_stock(args.model_dir, args.requests_file, args.stock_requests)
     print(json.dumps(out), flush=True)
@@ -658,7 +732,7 @@ def run_phase_here(args: argparse.Namespace) -> None:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """All three phases on one request set; prints the table, returns the report."""
     args.loadavg = round(os.getloadavg()[0], 2)
-    check_environment()
+    check_environment(args.torch)
     connect_redis(args.redis_url)  # fail before any long work
     model_dir = ensure_model(args.shape, args.model_seed, args.timeout)
     facts = model_facts(model_dir)
@@ -669,8 +743,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         e2e = run_e2e(args, model_dir, requests_file, workdir)
         raw = run_raw(args, model_dir, requests_file)
         stock = None if args.skip_stock else run_stock(args, model_dir, requests_file)
-    report = summarize(args, facts, requests, e2e, raw, stock)
-    phases = [p for p in (e2e, raw, stock) if p]
+        torch = run_torch(args, model_dir, requests_file) if args.torch else None
+    report = summarize(args, facts, requests, e2e, raw, stock, torch)
+    phases = [p for p in (e2e, raw, stock, torch) if p]
     print(f"model {args.shape} ({model_dir}), width {args.width}\n{format_table(phases, report)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     return report

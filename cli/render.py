@@ -45,7 +45,9 @@ def render(file, only, model, as_json, max_line_bytes):
 
     Nothing is generated and Redis is not used: only the model's tokenizer is
     loaded (not its weights). The chat template, tools and functions are
-    applied exactly as a worker applies them. Invalid lines print their error
+    applied exactly as a worker applies them, and so is its check that the
+    prompt and max_tokens fit the model's context (read from its config.json,
+    when local or cached). Invalid lines print their error
     (on stderr, or as an "error" object with --json).
 
     \b
@@ -54,9 +56,11 @@ def render(file, only, model, as_json, max_line_bytes):
       mlxq render requests.jsonl --json | jq .tokens
     """
     from worker.errors import RequestRejected
-    from worker.prompts import render_prompt
+    from worker.model import context_length, resolve_model
+    from worker.prompts import check_context, render_prompt
 
     tokenizer = None
+    limit = None
     total = valid = shown = 0
     first_error: Optional[str] = None
     seen: dict[str, int] = {}
@@ -80,8 +84,12 @@ def render(file, only, model, as_json, max_line_bytes):
             if error is None:
                 if tokenizer is None:
                     tokenizer = load_tokenizer(model)
+                    limit = context_length(resolve_model(model))
                 try:
                     prompt = render_prompt(tokenizer, line.request)
+                    tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+                    if limit:  # as a worker checks it
+                        check_context(tokens, line.request.max_tokens, limit)
                 except RequestRejected as exc:
                     error = f"line {line.lineno}: {exc}"
             if error is not None:
@@ -90,7 +98,6 @@ def render(file, only, model, as_json, max_line_bytes):
                 else:
                     click.echo(f"error: {error}", err=True)
                 continue
-            tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
             if as_json:
                 echo_json({"index": line.index, "custom_id": line.custom_id, "prompt": prompt, "tokens": tokens})
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -63,7 +64,8 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
 
     Uses the Redis of --redis-url/MLXQ_REDIS_URL when one is set, else one on
     localhost, else starts an embedded Redis that persists under --data-dir.
-    A worker runs in this process. Ctrl-C stops cleanly; the job is kept and
+    A worker runs in this process. Ctrl-C stops cleanly (more Ctrl-Cs while it
+    stops are ignored); the job is kept and
     `mlxq run --resume JOB` finishes it.
 
     \b
@@ -72,11 +74,13 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
       mlxq run --resume 3f2a...
     """
     from worker.blas import ensure_fast_blas
+    from worker.memory import limit_malloc_arenas
 
     if not file and not resume:
         raise click.UsageError("give FILE, or --resume JOB")
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     ensure_fast_blas()
+    limit_malloc_arenas()
     from worker.service import running_worker
 
     from .results import write_results
@@ -98,6 +102,10 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
             try:
                 final = watch(store, info.job_id)
             except KeyboardInterrupt:
+                # Stopping takes a few seconds (requests released, the embedded
+                # Redis shut down cleanly): a second Ctrl-C must not cut that short
+                # and end the process by the signal instead of exit code 130.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {info.job_id}"
                            + (f" --data-dir {data_dir}" if url.startswith("unix://") else ""), err=True)
                 raise

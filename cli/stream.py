@@ -32,13 +32,16 @@ class _Human:
             how = ev.finish_reason or ev.status
             tokens = f", {ev.usage['completion_tokens']} tokens" if ev.usage else ""
             error = f": {ev.error['message']}" if ev.error else ""
-            click.echo(f"  <{how}{tokens}{error}>")
+            calls = "".join(f", calls {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})"
+                            for c in ev.tool_calls or ())
+            click.echo(f"  <{how}{tokens}{calls}{error}>")
             self.open = None
 
 
 def _sse(ev: Event) -> None:
-    if ev.delta:
-        click.echo(f"data: {json.dumps({'response': ev.delta}, ensure_ascii=False)}\n")
+    if ev.delta or ev.tool_calls:
+        data = {"response": ev.delta, **({"tool_calls": ev.tool_calls} if ev.tool_calls else {})}
+        click.echo(f"data: {json.dumps(data, ensure_ascii=False)}\n")
     if ev.done and ev.error:
         click.echo(f"mlxq: request {ev.index} {ev.status}: {ev.error['message']}", err=True)
 
@@ -84,7 +87,8 @@ def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
 @cli.command()
 @click.argument("job")
 @click.option("--index", type=click.IntRange(min=0), help="Follow only request INDEX (0-based).")
-@click.option("--sse", is_flag=True, help="Print Workers AI server-sent events: data: {\"response\": ...}, then data: [DONE].")
+@click.option("--sse", is_flag=True, help="Print Workers AI server-sent events: data: {\"response\": ...} (the last with "
+                   "\"tool_calls\" when the request called tools), then data: [DONE].")
 @click.pass_context
 def stream(ctx, job, index, sse):
     """Follow JOB's partial results live; a late start replays what it missed.

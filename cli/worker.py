@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -55,14 +56,23 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, 
       mlxq worker --model ./my-model --concurrency 16
     """
     from worker.blas import ensure_fast_blas
+    from worker.memory import limit_malloc_arenas
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_fast_blas(disable=no_blas_setup)
+    limit_malloc_arenas()
     from worker.service import serve
 
     logging.getLogger("mlxq").info("connecting to %s", mask_url(ctx.obj["redis_url"]))
-    sys.exit(serve(
+    code = serve(
         ctx.obj["redis_url"], model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
         lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
-    ))
+    )
+    # Everything is stored and every thread of ours has stopped. Leave without
+    # the interpreter's teardown: native threads (MLX, OpenBLAS) destroyed
+    # during it once aborted the process (SIGABRT) after a clean warm shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

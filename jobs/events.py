@@ -22,7 +22,12 @@ DEFAULT_STREAM_MAXLEN = 100_000
 
 
 class Event(BaseModel):
-    """New text of one request; the last event of a request carries ``done``."""
+    """New text of one request; the last event of a request carries ``done``.
+
+    For a request with tools, deltas stop where a tool-call block may begin;
+    the end event's ``delta`` has the rest of the final response (tool calls
+    cut out) and ``tool_calls`` the calls, as in the stored result.
+    """
 
     job_id: str
     index: int
@@ -33,6 +38,7 @@ class Event(BaseModel):
     finish_reason: Optional[str] = None
     usage: Optional[dict[str, int]] = None
     error: Optional[dict[str, str]] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # the end event of a request that called tools
     ts: Optional[float] = None  # Unix time the text left the engine (deltas only)
     id: Optional[str] = None  # the Stream id, set by Redis
 

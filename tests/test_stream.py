@@ -26,6 +26,14 @@ def _wait(store, job_id, timeout=60):
         time.sleep(0.05)
 
 
+def _all_events(store, job_id) -> list:
+    """Every event of an ended job's Stream, in order."""
+    events = store.read_events(job_id, block_ms=2000)
+    while more := store.read_events(job_id, events[-1].id, block_ms=300):
+        events += more
+    return events
+
+
 def test_deltas_add_up_to_the_result_byte_for_byte(tmp_path, store, redis_url, tiny_model, worker):
     # A hot sampler over a tokenizer with multi-byte merges splits characters across tokens.
     rows = [{"prompt": f"café 日本語 🎉 {i}", "stream": True, "max_tokens": 40, "temperature": 2.0, "seed": i + 1}
@@ -33,9 +41,7 @@ def test_deltas_add_up_to_the_result_byte_for_byte(tmp_path, store, redis_url, t
     rows.append({"prompt": "not streamed", "max_tokens": 20})
     job_id = _submit(redis_url, tiny_model, write_jsonl(tmp_path / "s.jsonl", rows))
     _wait(store, job_id)
-    events = store.read_events(job_id, block_ms=2000)
-    while more := store.read_events(job_id, events[-1].id, block_ms=300):
-        events += more
+    events = _all_events(store, job_id)
     results = {line["index"]: line["result"] for line in results_of(redis_url, job_id)}
     assert len(results) == 13
     multibyte = 0
@@ -135,3 +141,40 @@ def test_stream_started_late_has_no_gap_and_no_duplicate(tmp_path, store, redis_
     blocks = proc.stdout.split("\n\n")
     streamed = "".join(json.loads(b[6:])["response"] for b in blocks[:-2])
     assert streamed == results_of(redis_url, job_id)[3]["result"]["response"]
+
+
+def test_a_streamed_request_with_tools_adds_up_to_its_response(tmp_path, store, redis_url, tiny_model, worker):
+    # Deltas of a request with tools are held back where a tool call may begin
+    # (worker.tools.streamable); the end event completes the parsed response.
+    tool = {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    rows = [{"messages": [{"role": "user", "content": f"<tool_call> weather {i}?"}], "tools": [tool],
+             "stream": True, "max_tokens": 30, "temperature": 1.5, "seed": i + 1} for i in range(6)]
+    job_id = _submit(redis_url, tiny_model, write_jsonl(tmp_path / "t.jsonl", rows))
+    _wait(store, job_id)
+    events = _all_events(store, job_id)
+    results = {line["index"]: line["result"] for line in results_of(redis_url, job_id)}
+    assert len(results) == 6
+    for i, result in results.items():
+        mine = [e for e in events if e.index == i]
+        assert mine[-1].done and [e.done for e in mine].count(True) == 1
+        assert "".join(e.delta for e in mine) == result["response"]
+        assert (mine[-1].tool_calls or []) == result["tool_calls"]
+        assert all("<tool_call>" not in e.delta for e in mine if not e.done)
+    assert any(len(e.delta) > 0 for e in events if not e.done), "nothing was streamed before the end"
+
+
+def test_sse_and_human_output_show_the_tool_calls_of_an_end_event(capsys):
+    from cli.stream import _Human, _sse
+    from jobs.events import Event
+
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    end = Event(job_id="j", index=0, custom_id="a", delta="Let me check.", done=True, status="completed",
+                finish_reason="stop", usage={"completion_tokens": 9}, tool_calls=calls)
+    _sse(end)
+    assert json.loads(capsys.readouterr().out.removeprefix("data: ")) == {"response": "Let me check.",
+                                                                          "tool_calls": calls}
+    _sse(end.model_copy(update={"delta": ""}))
+    assert json.loads(capsys.readouterr().out.removeprefix("data: "))["response"] == ""
+    _Human()(end)
+    assert capsys.readouterr().out == '[0] Let me check.  <stop, 9 tokens, calls get_weather({"city": "Paris"})>\n'

@@ -374,6 +374,21 @@ def test_render_refuses_a_file_without_a_valid_line(tmp_path, tiny_model):
     assert render_cli(str(empty), "--model", str(tiny_model)).exit_code == 2
 
 
+def test_render_rejects_what_a_worker_would_reject_for_its_context(tmp_path, tiny_model):
+    model = tmp_path / "short-context"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi", "max_tokens": 8},
+                                               {"prompt": "hi", "max_tokens": 60}])
+    out = render_cli(str(path), "--model", str(model), "--json")
+    assert out.exit_code == 0, out.output
+    fits, too_long = (json.loads(line) for line in out.stdout.splitlines())
+    assert fits["tokens"] + 8 <= 64 and "error" not in fits
+    assert too_long["error"].startswith("line 2: the prompt is ")
+    assert too_long["error"].endswith("it exceeds the model's context of 64 tokens")
+
+
 def test_render_help_has_an_example():
     out = CliRunner().invoke(cli, ["render", "--help"])
     assert out.exit_code == 0 and "Example:" in out.stdout and "mlxq render" in out.stdout
@@ -439,3 +454,54 @@ def test_render_reads_files_as_submit_does(tmp_path, tiny_model):
     first, second = (json.loads(line) for line in out.stdout.splitlines())
     assert first["index"] == 0 and "hi" in first["prompt"] and first["tokens"] > 0
     assert second["index"] == 1 and "top_k" in second["error"]
+
+
+# -- streaming ---------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from worker.tools import TOOL_CALL_START, stream_markers, stream_tail, streamable  # noqa: E402
+
+_PIECES = st.sampled_from([
+    "Sure", ". ", " ", "\n", "<", "<tool", "_call>", "</tool_call>", "<tool_call>", block({"name": "f", "arguments": {"x": 1}}),
+    block({"name": "g"}), block("{bad"), "tool", "call", "{", "}", "é", "日本",
+])
+
+
+def _stream(chunks: list[str], markers) -> tuple[list[str], str]:
+    """The deltas an engine sends as ``chunks`` arrive one step at a time, and the full text."""
+    text, sent, deltas = "", 0, []
+    for chunk in chunks:
+        text += chunk
+        end = streamable(text, markers)
+        assert end >= sent  # what was sent is never taken back
+        if end > sent:
+            deltas.append(text[sent:end])
+            sent = end
+    return deltas, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=14))
+def test_streamed_text_never_shows_a_tool_call_and_adds_up_to_the_response(chunks):
+    markers = stream_markers(messages_request(tools=[WEATHER]))
+    assert markers == (TOOL_CALL_START,)
+    deltas, text = _stream(chunks, markers)
+    streamed = "".join(deltas)
+    assert TOOL_CALL_START not in streamed and text.startswith(streamed)
+    response, _ = parse_tool_calls(text)
+    tail = stream_tail(streamed, response)
+    # Byte for byte, but for whitespace before a cut tool call that the response strips.
+    assert streamed + tail == response or (streamed.lstrip() + tail == response and streamed[:1].isspace())
+
+
+def test_text_of_requests_without_tools_streams_whole():
+    assert stream_markers(messages_request()) == ()
+    assert streamable("a <tool_call> b <tool", ()) == len("a <tool_call> b <tool")
+
+
+def test_streaming_holds_what_may_become_a_marker():
+    markers = (TOOL_CALL_START,)
+    assert streamable("Sure <tool_ca", markers) == len("Sure")
+    assert streamable("Sure <b>", markers) == len("Sure <b>")
+    assert streamable("Sure.\n<tool_call>{", markers) == len("Sure.")

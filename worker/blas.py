@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Optional
 
+from .memory import MALLOC_ARENAS
+
 __all__ = ["find_openblas", "loaded_blas", "ensure_fast_blas"]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ def ensure_fast_blas(disable: bool = False) -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
     env[_GUARD] = "1"
+    # From the start of the new process, as the environment variable: a cap set
+    # later by mallopt bounded the arenas but not the 0.5B worker's peak RSS.
+    env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])), env)

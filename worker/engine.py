@@ -25,7 +25,8 @@ from jobs.models import Request
 from .adapters import resolve_adapter, with_adapter
 from .errors import EngineStopped, RequestRejected
 from .model import LoadedModel
-from .prompts import render_prompt
+from .prompts import check_context, render_prompt
+from .tools import stream_markers, streamable
 
 __all__ = ["Engine", "Prepared", "Generation", "Handle", "StepEvent", "RequestRejected"]
 
@@ -33,11 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Bytes of freed buffers MLX may keep for reuse on the CPU (0.5B shape, 64 requests:
 #: 32 MB against 256 MB cost 2% of speed, within noise, and saved 226 MB of peak RSS).
-_CPU_CACHE_LIMIT = 64 * 2**20
-
-#: Token positions mlx-lm's batch KV cache grows by (its own default is 256);
-#: the slot batch prefills new requests with it, so smaller blocks waste less.
-_KV_STEP = 64
+_CPU_CACHE_LIMIT = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,7 @@ class Prepared:
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     stream: bool = False
+    stream_stops: tuple[str, ...] = ()  # deltas end before these (tool-call markers)
     adapter: Optional[str] = None  # a LoRA adapter directory; None is the base model
 
 
@@ -166,18 +164,14 @@ class Engine:
             tokens = tuple(self.loaded.tokenizer.encode(prompt, add_special_tokens=False))
         if not tokens:
             raise RequestRejected("the prompt is empty after tokenization")
-        limit = self.loaded.context_length
-        if len(tokens) + request.max_tokens > limit:
-            raise RequestRejected(
-                f"the prompt is {len(tokens)} tokens; with max_tokens {request.max_tokens} it exceeds "
-                f"the model's context of {limit} tokens"
-            )
+        check_context(len(tokens), request.max_tokens, self.loaded.context_length)
         return Prepared(
             prompt=prompt, tokens=tokens, max_tokens=request.max_tokens,
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=seed,
             repetition_penalty=request.repetition_penalty,
             frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
             stream=request.stream, adapter=adapter,
+            stream_stops=stream_markers(request, self.loaded.tokenizer) if request.stream else (),
         )
 
     def submit(self, prepared: Prepared, tag: object = None) -> Handle:
@@ -261,13 +255,10 @@ class Engine:
     def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
         import mlx.core as mx
 
-        from mlx_lm.models.cache import BatchKVCache
-
         if self.loaded.device == "cpu":
             # Give freed buffers back instead of keeping them cached: on the CPU a
             # cached buffer is resident memory the worker never uses again.
             mx.set_cache_limit(_CPU_CACHE_LIMIT)
-        BatchKVCache.step = _KV_STEP  # a class attribute: this process's batches only
         lanes[None] = self._new_lane(None)
         while not self._stop.is_set():
             busy = [lane for lane in lanes.values() if lane.active]
@@ -376,9 +367,10 @@ class Engine:
                 ended.append((r.uid, slot, reason))
             elif p.stream:
                 text = slot.detokenizer.text
-                if len(text) > slot.sent:
-                    events.append(StepEvent(slot.handle, text[slot.sent:], slot.generated))
-                    slot.sent = len(text)
+                end = streamable(text, p.stream_stops)
+                if end > slot.sent:
+                    events.append(StepEvent(slot.handle, text[slot.sent:end], slot.generated))
+                    slot.sent = end
         self.tokens_generated += len(responses)
         if events and self.on_step is not None:
             self.on_step(events)

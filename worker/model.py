@@ -54,11 +54,28 @@ def resolve_model(name: str, model_dirs: Optional[Sequence[str]] = None) -> str:
 
 
 def _context_length(source: str) -> int:
+    return context_length(source) or 32768
+
+
+def context_length(source: str) -> Optional[int]:
+    """``max_position_embeddings`` from the config of ``source`` (a directory, or a
+    hub id already in the local cache); None where it cannot be read."""
+    path = Path(source) / "config.json"
+    if not os.path.isabs(source):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # noqa: BLE001 - a malformed id, a cache error
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
     try:
-        config = json.loads((Path(source) / "config.json").read_text())
-    except (OSError, ValueError):
-        return 32768
-    return int(config.get("max_position_embeddings") or 32768)
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if value else None
 
 
 def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False) -> LoadedModel:

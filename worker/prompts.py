@@ -9,7 +9,7 @@ from jobs.models import MessagesRequest, Request
 from .errors import RequestRejected
 from .tools import add_tools_system_message, has_tools, request_tools, template_supports_tools
 
-__all__ = ["render_prompt"]
+__all__ = ["render_prompt", "check_context"]
 
 
 def render_prompt(tokenizer: Any, request: Request) -> str:
@@ -38,3 +38,12 @@ def render_prompt(tokenizer: Any, request: Request) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as exc:  # jinja raises whatever the template raises
         raise RequestRejected(f"the model's chat template failed: {exc}") from exc
+
+
+def check_context(prompt_tokens: int, max_tokens: int, limit: int) -> None:
+    """Raise :class:`RequestRejected` unless the prompt and ``max_tokens`` fit the model's context."""
+    if prompt_tokens + max_tokens > limit:
+        raise RequestRejected(
+            f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it exceeds "
+            f"the model's context of {limit} tokens"
+        )

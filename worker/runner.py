@@ -19,7 +19,7 @@ from jobs.store import JobStore
 from .engine import Engine, Generation, StepEvent
 from .errors import EngineStopped, RequestRejected
 from .publisher import Publisher
-from .tools import extract_tool_calls
+from .tools import extract_tool_calls, has_tools, stream_tail
 
 __all__ = ["Runner", "current_runner", "set_runner"]
 
@@ -159,9 +159,13 @@ class Runner:
             ),
             finish_reason=generation.finish_reason,
         )
+        tail = generation.tail
+        if request.stream and has_tools(request):
+            # Its deltas stopped before any tool call: end with the rest of the response.
+            tail = stream_tail(generation.text[:len(generation.text) - len(tail)], response)
         return self._end(
             job_id, line.model_copy(update={"status": RequestStatus.COMPLETED, "result": output}),
-            tail=generation.tail,
+            tail=tail,
         )
 
     def _wait(self, job_id: str, handle) -> Generation:
@@ -215,5 +219,6 @@ class Runner:
             finish_reason=result.finish_reason if result else None,
             usage=result.usage.model_dump() if result else None,
             error=line.error.model_dump() if line.error else None,
+            tool_calls=[c.model_dump() for c in result.tool_calls] if result and result.tool_calls else None,
         )])
         return line.status.value

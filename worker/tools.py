@@ -39,6 +39,9 @@ __all__ = [
     "add_tools_system_message",
     "parse_tool_calls",
     "extract_tool_calls",
+    "stream_markers",
+    "streamable",
+    "stream_tail",
 ]
 
 log = logging.getLogger(__name__)
@@ -287,3 +290,60 @@ def extract_tool_calls(request: Request, text: str, tokenizer: Any = None) -> tu
     except Exception:  # noqa: BLE001 - a parsing bug must not fail the request
         log.exception("parsing tool calls failed; the response is kept as generated")
         return text, []
+
+
+# -- streaming --------------------------------------------------------------
+#
+# A streamed request with tools must not show its tool calls as text: the
+# deltas stop where a tool-call block may begin, and the done event carries
+# the rest of the final response (tool calls cut out) and the calls.
+
+
+def stream_markers(request: Request, tokenizer: Any = None) -> tuple[str, ...]:
+    """Where a streamed ``request``'s deltas must stop: its tool-call start markers.
+
+    Empty for a request without tools or functions (its text streams whole).
+    """
+    if not has_tools(request):
+        return ()
+    model = _model_parser(tokenizer)
+    return tuple(dict.fromkeys(m for m in ((model[0] if model else None), TOOL_CALL_START) if m))
+
+
+def streamable(text: str, markers: tuple[str, ...]) -> int:
+    """How much of ``text`` (a prefix, in characters) may be streamed now.
+
+    With no ``markers``, all of it. Otherwise the text before the first marker,
+    less a tail that could still become a marker and less trailing whitespace
+    (the final response is stripped when a tool call is cut from it).
+    """
+    if not markers:
+        return len(text)
+    end = len(text)
+    for marker in markers:
+        found = text.find(marker)
+        if found >= 0:
+            end = min(end, found)
+    if end == len(text):
+        for marker in markers:  # a marker may be arriving: hold its possible start
+            for n in range(min(len(marker) - 1, end), 0, -1):
+                if text.endswith(marker[:n]):
+                    end = min(end, len(text) - n)
+                    break
+    return len(text[:end].rstrip())
+
+
+def stream_tail(streamed: str, response: str) -> str:
+    """What the done event adds after ``streamed`` deltas for a final ``response``.
+
+    ``streamed`` is always a prefix of the generated text before any tool-call
+    block, so it is a prefix of ``response`` up to the whitespace a cut tool
+    call strips from the response's start.
+    """
+    if response.startswith(streamed):
+        return response[len(streamed):]
+    lead = streamed.lstrip()
+    if response.startswith(lead):
+        return response[len(lead):]
+    log.warning("streamed text is not a prefix of the response; the done event repeats none of it")
+    return ""
