@@ -92,6 +92,9 @@ def render(file, only, model, as_json, max_line_bytes):
                         check_context(tokens, line.request.max_tokens, limit)
                 except RequestRejected as exc:
                     error = f"line {line.lineno}: {exc}"
+                    valid -= 1  # a worker would reject it too
+                    if first_error is None:
+                        first_error = error
             if error is not None:
                 if as_json:
                     echo_json({"index": line.index, "custom_id": line.custom_id, "error": error})

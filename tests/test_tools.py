@@ -10,16 +10,23 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
 
 from cli.main import cli
 from jobs.ingest import parse_line
 from jobs.models import MessagesRequest, PromptRequest, ToolCall
+from worker.engine import Generation
 from worker.prompts import render_prompt
+from worker.runner import stopped_tail
 from worker.tools import (
+    TOOL_CALL_START,
     TOOLS_SYSTEM_PROMPT,
     extract_tool_calls,
     parse_tool_calls,
     request_tools,
+    stream_markers,
+    stream_tail,
+    streamable,
     template_supports_tools,
     tools_system_prompt,
 )
@@ -386,6 +393,10 @@ def test_render_rejects_what_a_worker_would_reject_for_its_context(tmp_path, tin
     fits, too_long = (json.loads(line) for line in out.stdout.splitlines())
     assert fits["tokens"] + 8 <= 64 and "error" not in fits
     assert too_long["error"].startswith("line 2: the prompt is ")
+    # A file whose every line is too long for the context has nothing a worker would run.
+    only_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi", "max_tokens": 60}])
+    out = render_cli(str(only_long), "--model", str(model))
+    assert out.exit_code == 2 and "none of its 1 requests is valid; the first: line 1: the prompt is" in out.stderr
     assert too_long["error"].endswith("it exceeds the model's context of 64 tokens")
 
 
@@ -458,10 +469,6 @@ def test_render_reads_files_as_submit_does(tmp_path, tiny_model):
 
 # -- streaming ---------------------------------------------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from worker.tools import TOOL_CALL_START, stream_markers, stream_tail, streamable  # noqa: E402
-
 _PIECES = st.sampled_from([
     "Sure", ". ", " ", "\n", "<", "<tool", "_call>", "</tool_call>", "<tool_call>", block({"name": "f", "arguments": {"x": 1}}),
     block({"name": "g"}), block("{bad"), "tool", "call", "{", "}", "é", "日本",
@@ -505,3 +512,14 @@ def test_streaming_holds_what_may_become_a_marker():
     assert streamable("Sure <tool_ca", markers) == len("Sure")
     assert streamable("Sure <b>", markers) == len("Sure <b>")
     assert streamable("Sure.\n<tool_call>{", markers) == len("Sure.")
+
+
+def test_a_stopped_request_ends_without_the_tool_call_its_deltas_held_back():
+    markers = (TOOL_CALL_START,)
+    text = 'Let me look.\n<tool_call>{"name": "get_weather", "argu'
+    held = Generation(text, 5, 20, "cancelled", 1, tail=text[len("Let me look."):])
+    assert stopped_tail(held, markers) == "\n"
+    # Text past what streamed but before any marker still ends the stream.
+    cut = Generation("Hello there", 5, 2, "timeout", 1, tail=" there")
+    assert stopped_tail(cut, markers) == " there"
+    assert stopped_tail(held, ()) == held.tail  # without tools, the whole rest

@@ -19,7 +19,7 @@ from jobs.store import JobStore
 from .engine import Engine, Generation, StepEvent
 from .errors import EngineStopped, RequestRejected
 from .publisher import Publisher
-from .tools import extract_tool_calls, has_tools, stream_tail
+from .tools import extract_tool_calls, first_marker, has_tools, stream_tail
 
 __all__ = ["Runner", "current_runner", "set_runner"]
 
@@ -39,6 +39,15 @@ def current_runner() -> "Runner":
     if _runner is None:
         raise EngineError("this process has no engine: start workers with `mlxq worker`")
     return _runner
+
+
+def stopped_tail(generation: Generation, markers: tuple[str, ...]) -> str:
+    """The end event's delta for a request stopped before its end (cancelled,
+    timed out): the text no step carried, less any tool call its deltas held
+    back (``markers``), as no result parses it out."""
+    text = generation.text
+    streamed = len(text) - len(generation.tail)
+    return text[streamed:max(streamed, first_marker(text, markers))]
 
 
 class Runner:
@@ -139,10 +148,10 @@ class Runner:
             return self._end(
                 job_id, line.model_copy(update={"status": RequestStatus.CANCELLED}),
                 error=ErrorInfo(code="cancelled", message="the job was cancelled while this request ran"),
-                tail=generation.tail,
+                tail=stopped_tail(generation, prepared.stream_stops),
             )
         if generation.finish_reason == "timeout":
-            return self._end(job_id, line, tail=generation.tail, error=ErrorInfo(
+            return self._end(job_id, line, tail=stopped_tail(generation, prepared.stream_stops), error=ErrorInfo(
                 code="timeout",
                 message=f"stopped after the time limit of {self.engine.time_limit:g}s "
                         f"({generation.completion_tokens} tokens generated)",

@@ -310,6 +310,12 @@ def stream_markers(request: Request, tokenizer: Any = None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for m in ((model[0] if model else None), TOOL_CALL_START) if m))
 
 
+def first_marker(text: str, markers: tuple[str, ...]) -> int:
+    """Where the first of ``markers`` starts in ``text``; ``len(text)`` if none does."""
+    found = [at for at in (text.find(m) for m in markers) if at >= 0]
+    return min(found, default=len(text))
+
+
 def streamable(text: str, markers: tuple[str, ...]) -> int:
     """How much of ``text`` (a prefix, in characters) may be streamed now.
 
@@ -319,11 +325,7 @@ def streamable(text: str, markers: tuple[str, ...]) -> int:
     """
     if not markers:
         return len(text)
-    end = len(text)
-    for marker in markers:
-        found = text.find(marker)
-        if found >= 0:
-            end = min(end, found)
+    end = first_marker(text, markers)
     if end == len(text):
         for marker in markers:  # a marker may be arriving: hold its possible start
             for n in range(min(len(marker) - 1, end), 0, -1):
