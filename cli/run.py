@@ -49,7 +49,8 @@ def _embedded(data_dir: Path):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Results file (JSONL). Default: FILE with .results.jsonl.")
 @click.option("--model", envvar="MLXQ_MODEL", default=DEFAULT_MODEL, show_default=True,
-              help="Model: a seed name, hub repository or local directory (env MLXQ_MODEL).")
+              help="Model: a seed name, hub repository or local directory (env MLXQ_MODEL). "
+                   "With --resume, the job's own.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY, show_default=True,
               envvar="MLXQ_CONCURRENCY", help="Requests generated at once.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
@@ -66,7 +67,8 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
     localhost, else starts an embedded Redis that persists under --data-dir.
     A worker runs in this process. Ctrl-C stops cleanly (more Ctrl-Cs while it
     stops are ignored); the job is kept and
-    `mlxq run --resume JOB` finishes it.
+    `mlxq run --resume JOB` finishes it, with the model it was submitted for,
+    sending at once any request the interrupted run had not sent yet.
 
     \b
     Examples:
@@ -89,9 +91,21 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
     with _choose_redis(ctx, embedded, data_dir) as url:
         store = JobStore.from_url(url)
         store.ping()
+        if resume:
+            info = store.info(resume)
+            if (ctx.get_parameter_source("model") is ParameterSource.COMMANDLINE
+                    and model.rstrip("/") != info.model.rstrip("/")):
+                raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
+            model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
             if resume:
-                info = store.info(resume)
+                if store.unsent(resume):
+                    # Interrupted while sending: send its queued requests now rather
+                    # than after a worker's wait for a dead sender (duplicates are no-ops).
+                    from worker.tasks import enqueue
+
+                    store.sending(resume)
+                    enqueue(resume, store.queued_indices(resume), model, store)
             else:
                 from worker.tasks import enqueue
 

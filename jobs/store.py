@@ -268,6 +268,11 @@ class JobStore:
         self.r.zrem(UNSENT, job_id)
 
     @_wrap
+    def unsent(self, job_id: str) -> bool:
+        """Whether the job's sender has not yet sent every message (or died trying)."""
+        return self.r.zscore(UNSENT, job_id) is not None
+
+    @_wrap
     def claim_unsent(self, grace: float = SEND_GRACE, limit: int = 10) -> list[str]:
         """Jobs whose sender's claim ran out, now claimed by the caller for ``grace`` seconds."""
         now = time.time()

@@ -21,8 +21,9 @@ def _env() -> dict:
     return env
 
 
-def _run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cli", "run", *args], cwd=ROOT, env=_env(),
+def _run(*args, redis_url_arg=None, **kw):
+    head = ["--redis-url", redis_url_arg] if redis_url_arg else []
+    return subprocess.run([sys.executable, "-m", "cli", *head, "run", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=180, **kw)
 
 
@@ -83,9 +84,31 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
     assert f"mlxq run --resume {job_id} --data-dir {data}" in err
     assert "Traceback" not in err
 
-    out = _run("--resume", job_id, "--embedded", "--data-dir", data, "--model", str(tiny_model),
+    # Without --model: the resumed run serves the job's own model.
+    out = _run("--resume", job_id, "--embedded", "--data-dir", data,
                "--concurrency", "4", "-o", str(tmp_path / "out.jsonl"))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and all(l["status"] == "completed" for l in lines)
     assert all(l["result"]["usage"]["completion_tokens"] >= 1 for l in lines)
+
+
+def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model, redis_url, store):
+    from cli.submit import ingest
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 4} for i in range(5)])
+    # Stored, no message sent: as a run stopped right after storing the job.
+    # Its sender's claim holds for an hour, so no worker's keeper sends for it.
+    info, _, _ = ingest(store, str(path), str(tiny_model))
+    store.sending(info.job_id, grace=3600)
+    assert store.unsent(info.job_id)
+
+    wrong = _run("--resume", info.job_id, "--model", "some/other-model", redis_url_arg=redis_url)
+    assert wrong.returncode == 2 and f"job {info.job_id} is for model {tiny_model}" in wrong.stderr
+
+    out = _run("--resume", info.job_id, "--concurrency", "4", "-o", str(tmp_path / "out.jsonl"),
+               redis_url_arg=redis_url)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [l["status"] for l in lines] == ["completed"] * 5
+    assert not store.unsent(info.job_id)
