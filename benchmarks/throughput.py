@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -452,12 +453,15 @@ def run_e2e(args: argparse.Namespace, model_dir: Path, requests_file: Path, work
         job = submit(mlxq, args.redis_url, model_dir, requests_file, worker, args.timeout)
         seconds = time.perf_counter() - start
         peak_rss = worker.peak_rss_mb()
+    # Logged by the engine as the worker stops (the `with` has stopped it).
+    kv_logged = re.search(r"peak KV cache ([\d.]+) MiB", worker.log_text())
     lines = job_results(mlxq, args.redis_url, job["job_id"])
     usage = [line["result"]["usage"] for line in lines]
     tokens = sum(u["completion_tokens"] for u in usage)
     server_s = (job.get("finished_at") or 0) - (job.get("started_at") or 0)
     return PhaseResult("e2e", len(lines), tokens, seconds, blas, {
         "peak_rss_mb": peak_rss,
+        "kv_peak_mb": float(kv_logged.group(1)) if kv_logged else None,
         "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
         "prompt_lengths": [u["prompt_tokens"] for u in usage],
         "server_seconds": server_s if server_s > 0 else None,
@@ -651,7 +655,11 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
               torch: Optional[PhaseResult] = None) -> dict[str, Any]:
     """The JSON report."""
     weights_mb = facts["weights_bytes"] / MB
-    kv_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests], args.width) / MB
+    kv_estimate_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests],
+                                    args.width) / MB
+    # The cache the worker held at its largest (rows and positions in blocks);
+    # the estimate where its log does not say.
+    kv_mb = e2e.extra.get("kv_peak_mb") or kv_estimate_mb
     peak = e2e.extra["peak_rss_mb"]
     server_s = e2e.extra["server_seconds"]
     return {
@@ -667,6 +675,7 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "peak_rss_mb": round(peak, 1) if peak is not None else None,
         "weights_mb": round(weights_mb, 1),
         "kv_cache_mb": round(kv_mb, 1),
+        "kv_estimate_mb": round(kv_estimate_mb, 1),
         "rss_over_budget_mb": round(peak - weights_mb - kv_mb, 1) if peak is not None else None,
         "shape": args.shape,
         "width": args.width,
@@ -700,7 +709,8 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
                 f"e2e/torch {_fmt(report['e2e_over_torch'])}; "
                 f"worker-side e2e {_fmt(report['e2e_server_tok_s'])} tok/s (first claim to last result)")
     rows.append(f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} "
-                f"+ kv estimate {report['kv_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}; "
+                f"+ KV cache {report['kv_cache_mb']} (estimate {report['kv_estimate_mb']}) "
+                f"+ other {_fmt(report['rss_over_budget_mb'])}; "
                 f"raw phase peak RSS {_fmt(report['raw_peak_rss_mb'])} MB")
     return "\n".join(rows)
 

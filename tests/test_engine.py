@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,15 @@ def test_greedy_and_seeded_outputs_are_the_same_alone_and_batched(worker):
     assert batch[1].text == alone_greedy.text and batch[1].completion_tokens == alone_greedy.completion_tokens
     assert batch[16].text == alone_seeded.text
     assert _generate(engine, [seeded], [78])[0].text != alone_seeded.text
+
+
+def test_the_engine_records_the_largest_its_kv_cache_was(worker, tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4  # K, V float32
+    out = _generate(worker.engine, [PromptRequest(prompt="x " * 40, max_tokens=16, temperature=0)] * 3)
+    # The cache has a row for each request it may hold (8 here), each at least a prompt long.
+    assert worker.engine.peak_kv_bytes >= per_token * worker.engine.width * out[0].prompt_tokens
 
 
 def test_max_tokens_usage_and_finish_reason(worker):

@@ -149,6 +149,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.tokens_generated = 0
+        self.peak_kv_bytes = 0  # the largest the KV caches of all lanes together have been
 
     # -- any thread -----------------------------------------------------------
 
@@ -222,8 +223,8 @@ class Engine:
         self._fail_all(lanes, EngineStopped("the worker is shutting down"))
         import mlx.core as mx
 
-        log.info("engine stopped: %d tokens generated, peak MLX memory %.0f MB",
-                 self.tokens_generated, mx.get_peak_memory() / 1e6)
+        log.info("engine stopped: %d tokens generated, peak MLX memory %.0f MB, peak KV cache %.1f MiB",
+                 self.tokens_generated, mx.get_peak_memory() / 1e6, self.peak_kv_bytes / 2**20)
 
     def _fail_all(self, lanes: dict[Optional[str], "_Lane"], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
@@ -268,6 +269,7 @@ class Engine:
                 self._sweep(lane)
                 if lane.live:
                     self._collect(lane.gen.next(), lane)
+            self.peak_kv_bytes = max(self.peak_kv_bytes, sum(lane.gen.nbytes for lane in lanes.values()))
             self._evict_idle(lanes)
 
     def _sweep(self, lane: "_Lane") -> None:
