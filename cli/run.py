@@ -98,17 +98,15 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
+            from worker.tasks import enqueue
+
             if resume:
                 if store.unsent(resume):
                     # Interrupted while sending: send its queued requests now rather
                     # than after a worker's wait for a dead sender (duplicates are no-ops).
-                    from worker.tasks import enqueue
-
                     store.sending(resume)
                     enqueue(resume, store.queued_indices(resume), model, store)
             else:
-                from worker.tasks import enqueue
-
                 info, invalid, errors = ingest(store, file, model)
                 enqueue(info.job_id, store.queued_indices(info.job_id), model, store)
                 report_invalid(invalid, errors)
