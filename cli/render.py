@@ -48,7 +48,8 @@ def render(file, only, model, as_json, max_line_bytes):
     applied exactly as a worker applies them, and so is its check that the
     prompt and max_tokens fit the model's context (read from its config.json,
     when local or cached). Invalid lines print their error
-    (on stderr, or as an "error" object with --json).
+    (on stderr, or as an "error" object with --json); a file with no line a
+    worker would run exits with status 2.
 
     \b
     Example:

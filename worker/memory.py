@@ -6,7 +6,7 @@ eight per core), and every arena keeps the memory freed in it. On Linux the
 worker's re-execution with OpenBLAS (:func:`worker.blas.ensure_fast_blas`)
 sets ``MALLOC_ARENA_MAX=2`` for the new process: with the 0.5B shape and 32
 threads that cut the worker's peak RSS by ~52 MB at the same speed (three
-runs, 297-299 MB over weights + KV, against 348-354 without;
+runs, 297-299 MB over weights + the KV-cache estimate, against 348-354 without;
 ``benchmarks/throughput.py``). Where there is no re-execution,
 :func:`limit_malloc_arenas` sets the same cap with ``mallopt`` before the
 threads start; it bounds the arenas (``tests/test_memory.py``), but in the one
