@@ -9,8 +9,8 @@ import sys
 import click
 
 from jobs.defaults import (
-    DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, DEFAULT_TIME_LIMIT,
-    DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB,
+    DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from jobs.urls import mask_url
 
@@ -40,11 +40,16 @@ from .main import cli
               help="Seconds before the broker re-delivers an unacknowledged message (keep above --time-limit).")
 @click.option("--adapters-dir", type=click.Path(file_okay=False, exists=True), envvar="MLXQ_ADAPTERS_DIR",
               help="Directory of LoRA adapters (mlx-lm format) that requests may name in 'lora'.")
+@click.option("--backlog", type=click.IntRange(min=0), envvar="MLXQ_BACKLOG", show_default="concurrency/4, at least 2",
+              help="Requests held ready beyond --concurrency, so a row that frees is refilled at once.")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=DEFAULT_PREFIX_CACHE_MB, show_default=True,
+              envvar="MLXQ_PREFIX_CACHE_MB",
+              help="Memory for keys and values of prompt prefixes already computed (0 turns the cache off).")
 @click.option("--events", is_flag=True, envvar="MLXQ_EVENTS",
               help="Send Celery task events, for monitoring with Flower.")
 @click.pass_context
 def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
-           visibility_timeout, adapters_dir, events):
+           visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events):
     """Load MODEL once and generate the requests queued for it.
 
     Start as many workers, on as many machines, as you like against one Redis.
@@ -68,6 +73,7 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, 
         ctx.obj["redis_url"], model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
         lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
+        backlog=backlog, prefix_cache_mb=prefix_cache_mb,
     )
     # Everything is stored and every thread of ours has stopped. Leave without
     # the interpreter's teardown: native threads (MLX, OpenBLAS) destroyed

@@ -48,3 +48,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 #: Longest a single request may generate (seconds) before it fails.
 DEFAULT_TIME_LIMIT = 3600.0
+
+#: Memory a worker's prefix cache may hold (MiB): keys and values of prompt
+#: prefixes already computed, reused by requests that start the same way.
+DEFAULT_PREFIX_CACHE_MB = 1024

@@ -19,11 +19,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from jobs.defaults import DEFAULT_PREFIX_CACHE_MB
 from jobs.errors import EngineError
 from jobs.models import Request
 
 from .adapters import resolve_adapter, with_adapter
 from .errors import EngineStopped, RequestRejected
+from .prefix import PrefixCache
 from .model import LoadedModel
 from .prompts import check_context, render_prompt
 from .tools import stream_markers, streamable
@@ -134,6 +136,7 @@ class Engine:
         time_limit: float = float("inf"),
         adapters_dir: Optional[str] = None,
         max_adapters: int = 8,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         self.loaded = loaded
         self.width = width
@@ -150,6 +153,11 @@ class Engine:
         self.error: Optional[BaseException] = None
         self.tokens_generated = 0
         self.peak_kv_bytes = 0  # the largest the KV caches of all lanes together have been
+        self.decode_steps = 0
+        self.decode_rows = 0  # rows decoded, summed over steps
+        self._fed = (0, 0)  # decode_steps and decode_rows when the last request was admitted
+        #: One prefix cache for every lane, each under its adapter's name.
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
 
     # -- any thread -----------------------------------------------------------
 
@@ -199,6 +207,12 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def occupancy(self) -> float:
+        """Mean rows per decode step up to the last request admitted (the final drain left out)."""
+        steps, rows = self._fed
+        return rows / steps if steps else 0.0
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -223,8 +237,11 @@ class Engine:
         self._fail_all(lanes, EngineStopped("the worker is shutting down"))
         import mlx.core as mx
 
-        log.info("engine stopped: %d tokens generated, peak MLX memory %.0f MB, peak KV cache %.1f MiB",
-                 self.tokens_generated, mx.get_peak_memory() / 1e6, self.peak_kv_bytes / 2**20)
+        log.info("engine stopped: %d tokens generated, %d prompt tokens from the prefix cache, "
+                 "mean rows %.2f of %d, peak MLX memory %.0f MB, peak KV cache %.1f MiB, peak prefix cache %.1f MiB",
+                 self.tokens_generated, self.prefix_cache.hit_tokens, self.occupancy, self.width,
+                 mx.get_peak_memory() / 1e6,
+                 self.peak_kv_bytes / 2**20, self.prefix_cache.peak_bytes / 2**20)
 
     def _fail_all(self, lanes: dict[Optional[str], "_Lane"], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
@@ -251,7 +268,7 @@ class Engine:
         if adapter is not None:
             model = with_adapter(model, adapter, float32=self.loaded.device == "cpu")
         # The engine itself ends requests (see _collect): end tokens and max_tokens.
-        return _Lane(adapter, SlotBatch(model, width=self.width))
+        return _Lane(adapter, SlotBatch(model, width=self.width, prefix_cache=self.prefix_cache, namespace=adapter))
 
     def _loop(self, lanes: dict[Optional[str], "_Lane"]) -> None:
         import mlx.core as mx
@@ -323,6 +340,7 @@ class Engine:
             ],
             max_tokens=[p.max_tokens for p in ps],
         )
+        self._fed = (self.decode_steps, self.decode_rows)
         deadline = time.monotonic() + self.time_limit
         for uid, handle in zip(uids, new):
             lane.active[uid] = _Slot(handle, self.loaded.tokenizer.detokenizer, deadline=deadline)
@@ -374,6 +392,9 @@ class Engine:
                     events.append(StepEvent(slot.handle, text[slot.sent:end], slot.generated))
                     slot.sent = end
         self.tokens_generated += len(responses)
+        if responses:
+            self.decode_steps += 1
+            self.decode_rows += len(responses)
         if events and self.on_step is not None:
             self.on_step(events)
         for uid, slot, reason in ended:

@@ -9,7 +9,9 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
-from jobs.defaults import DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT
+from jobs.defaults import (
+    DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
+)
 from jobs.store import JobStore
 
 from .app import app, configure, queue_for
@@ -21,7 +23,7 @@ from .publisher import Publisher
 from .runner import Runner, set_runner
 from .tasks import enqueue
 
-__all__ = ["build_runner", "serve", "running_worker"]
+__all__ = ["backlog_for", "build_runner", "serve", "running_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ def _die(exc: BaseException) -> None:
     """The engine is gone: stop the worker so its supervisor restarts it."""
     log.critical("engine failed (%s); shutting the worker down", exc)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def backlog_for(concurrency: int, backlog: Optional[int] = None) -> int:
+    """Requests a worker takes beyond its rows (default: a quarter of them, at least 2).
+
+    They wait in the engine, tokenized, so that a row that frees is refilled
+    at the next step instead of after Celery delivers the next message.
+    """
+    return max(2, concurrency // 4) if backlog is None else backlog
 
 
 def build_runner(
@@ -43,15 +54,17 @@ def build_runner(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     time_limit: float = DEFAULT_TIME_LIMIT,
     adapters_dir: Optional[str] = None,
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
 ) -> Runner:
     loaded = load_model(model, model_dirs, force_cpu=force_cpu)
     log.info(
-        "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight",
-        loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency,
+        "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
+        loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency, prefix_cache_mb,
     )
     store = JobStore.from_url(redis_url)
     store.ping()
-    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir)
+    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir,
+                    prefix_cache_mb=prefix_cache_mb)
     runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
     runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
     engine.start()
@@ -68,7 +81,8 @@ def stop_runner(runner: Runner) -> None:
 
 def serve(
     redis_url: str, model: str, concurrency: int, loglevel: str = "INFO",
-    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, events: bool = False, **options,
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, events: bool = False, backlog: Optional[int] = None,
+    **options,
 ) -> int:
     """Run a worker in this process until it is told to stop; returns its exit code."""
     runner = build_runner(redis_url, model, concurrency, **options)
@@ -78,7 +92,7 @@ def serve(
     configure(redis_url, visibility_timeout)
     app.conf.worker_send_task_events = events
     worker = app.Worker(
-        pool="threads", concurrency=concurrency, queues=[queue_for(model)],
+        pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
         loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,
     )
     try:
@@ -91,7 +105,9 @@ def serve(
 
 
 @contextmanager
-def running_worker(redis_url: str, model: str, concurrency: int = 4, **kwargs) -> Iterator[Runner]:
+def running_worker(
+    redis_url: str, model: str, concurrency: int = 4, backlog: Optional[int] = None, **kwargs
+) -> Iterator[Runner]:
     """A real worker on a thread of this process (tests, ``mlxq run``)."""
     from celery.contrib.testing.worker import start_worker
 
@@ -99,7 +115,7 @@ def running_worker(redis_url: str, model: str, concurrency: int = 4, **kwargs) -
     configure(redis_url)
     try:
         with start_worker(
-            app, pool="threads", concurrency=concurrency, queues=[queue_for(model)],
+            app, pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
             perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING",
         ):
             try:

@@ -22,11 +22,12 @@ The batch runs mlx-lm models unchanged: a layer's cache is a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 
 __all__ = ["SlotBatch", "SlotKVCache", "Step"]
@@ -163,7 +164,14 @@ class SlotBatch:
     itself: its owner removes it.
     """
 
-    def __init__(self, model, width: int = 32, prefill_tokens: int = PREFILL_TOKENS):
+    def __init__(
+        self,
+        model,
+        width: int = 32,
+        prefill_tokens: int = PREFILL_TOKENS,
+        prefix_cache: Optional[PrefixCache] = None,
+        namespace: Hashable = None,
+    ):
         if hasattr(model, "make_cache"):
             from mlx_lm.models.cache import KVCache
 
@@ -172,6 +180,10 @@ class SlotBatch:
         self.model = model
         self.width = width
         self.prefill_tokens = prefill_tokens
+        #: Keys and values of prompts prefilled before, shared with other batches
+        #: under their own ``namespace`` (the LoRA adapter: it changes them).
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes else None
+        self.namespace = namespace
         self.layers = len(model.layers)
         self.caches = [SlotKVCache() for _ in range(self.layers)]
         self.rows: List[_Row] = []
@@ -292,20 +304,36 @@ class SlotBatch:
     def _prefill(self) -> bool:
         """Prefill one batch of queued sequences straight into free rows; False if none could start.
 
-        The batch is taken from the first sequences that fit in the free rows,
-        shortest prompts first and up to ``prefill_tokens`` tokens, so that
-        prompts of similar length share it and padding stays small. Prompts
-        are right-padded: each row's tokens sit at positions ``0..n-1`` of its
-        own row, as decoding wants them, and the padding after them is
-        overwritten by decoding before any query can see it.
+        A sequence whose prompt starts with blocks in the prefix cache gets
+        their keys and values copied into its row and prefills only the rest.
+        The batch is taken from the first sequences that fit in the free rows:
+        those with the same cached length, least left to prefill first and up
+        to ``prefill_tokens`` tokens, so that prompts of similar length share
+        it and padding stays small. Prompts are right-padded: each row's tokens
+        sit at positions ``0..n-1`` of its own row, as decoding wants them, and
+        the padding after them is overwritten by decoding before any query can
+        see it. Chunks end at multiples of ``PREFILL_CHUNK`` whatever the
+        cached length, so a position's keys and values are computed the same
+        way with the prefix cache and without it.
         """
         free = self.width - len(self.rows)
         if free <= 0 or not self.waiting:
             return False
-        candidates = sorted(self.waiting[:free], key=lambda r: len(r.tokens))
+        candidates = self.waiting[:free]
+        cache = self.prefix_cache
+        hits = {id(r): cache.match(self.namespace, r.tokens, len(r.tokens) - 1) if cache else [] for r in candidates}
+        block = cache.block if cache else 0
+
+        def todo(row: _Row) -> int:
+            return len(row.tokens) - 1 - len(hits[id(row)]) * block
+
+        candidates.sort(key=todo)
         group = [candidates[0]]
+        reused = hits[id(group[0])]
         for row in candidates[1:]:
-            if (len(group) + 1) * (len(row.tokens) - 1) > self.prefill_tokens:
+            if len(hits[id(row)]) != len(reused):
+                continue
+            if (len(group) + 1) * todo(row) > self.prefill_tokens:
                 break
             group.append(row)
         chosen = {id(r) for r in group}
@@ -318,19 +346,31 @@ class SlotBatch:
         self._ensure(first + len(upcoming), max([longest + 1] + [r.length + 1 for r in self.rows]),
                      [r.limit for r in upcoming])
         self.rows.extend(group)
-        if longest:
-            tokens = mx.array([r.tokens[:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
+        lo, hi = first, first + len(group)
+        start = len(reused) * block
+        if reused:
+            kv = cache.use(reused, rows=len(group))
+            for layer, c in enumerate(self.caches):
+                c.keys[lo:hi, :, :start] = kv[0, layer]
+                c.values[lo:hi, :, :start] = kv[1, layer]
+            mx.eval([c.state for c in self.caches])
+        if longest > start:
+            tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
             try:
-                for start in range(0, longest, PREFILL_CHUNK):
+                while start < longest:
+                    end = min(longest, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
                     for c in self.caches:
-                        c.span, c.offset = (first, first + len(group), start), start
-                    self.model(tokens[:, start:start + PREFILL_CHUNK], cache=self.caches)
+                        c.span, c.offset = (lo, hi, start), start
+                    self.model(tokens[:, start - len(reused) * block:end - len(reused) * block], cache=self.caches)
                     mx.eval([c.state for c in self.caches])
+                    start = end
             finally:
                 for c in self.caches:
                     c.span = None
-        for row, n in zip(group, lengths):
+        for i, (row, n) in enumerate(zip(group, lengths)):
             row.length = n
+            if cache is not None:
+                cache.store(self.namespace, row.tokens, n, self.caches, lo + i)
         return True
 
     def _probe_like(self) -> List[mx.array]:
