@@ -64,3 +64,26 @@ def test_a_loaded_cpu_model_uses_them(tiny_model):
     module = sys.modules[type(loaded.model).__module__]
     assert module.swiglu is swiglu and module.scaled_dot_product_attention is scaled_dot_product_attention
     assert patch_model(loaded.model) == []  # a second time changes nothing
+
+
+def test_a_worker_without_a_compiler_says_its_kernels_run_unfused(tmp_path, tiny_model):
+    """MLX falls back to unfused CPU kernels silently when g++ is missing: the worker's log says so."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO);"
+        "from worker.fastmath import compiler_available; from worker.model import load_model;"
+        "print('compiler', compiler_available()); load_model(sys.argv[1], force_cpu=True)"
+    )
+    env = {**os.environ, "PATH": str(tmp_path)}  # a PATH with no g++ on it
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_model)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert "compiler False" in out.stdout
+    assert "no C++ compiler (g++) on PATH" in out.stderr
+    with_compiler = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True,
+                                   timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert with_compiler.returncode == 0 and "compiler True" in with_compiler.stdout
+    assert "no C++ compiler" not in with_compiler.stderr
