@@ -488,7 +488,7 @@ def own_peak_rss_mb() -> Optional[float]:
 
 
 def mapped_blas() -> str:
-    from worker.blas import loaded_blas
+    from mlxq.worker.blas import loaded_blas
 
     return loaded_blas()
 
@@ -607,7 +607,7 @@ def run_torch(args: argparse.Namespace, model_dir: Path, requests_file: Path) ->
 
 
 def run_raw(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from worker.blas import find_openblas
+    from mlxq.worker.blas import find_openblas
 
     openblas = find_openblas()
     if openblas is None:

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from jobs.errors import StoreError
-from jobs.store import JobInfo, JobStore
+from mlxq.jobs.errors import StoreError
+from mlxq.jobs.store import JobInfo, JobStore
 
 __all__ = ["store_from", "echo_json", "describe"]
 

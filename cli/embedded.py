@@ -11,7 +11,7 @@ from typing import Optional
 
 import redis
 
-from jobs.errors import MlxqError
+from mlxq.jobs.errors import MlxqError
 
 __all__ = ["EmbeddedRedis", "default_data_dir", "redis_server_binary"]
 

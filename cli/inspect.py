@@ -57,8 +57,8 @@ def retry(ctx, job):
     Example:
       mlxq retry 3f2a...
     """
-    from worker.app import configure
-    from worker.tasks import enqueue
+    from mlxq.worker.app import configure
+    from mlxq.worker.tasks import enqueue
 
     store = store_from(ctx)
     indices = store.retry(job)

@@ -9,8 +9,8 @@ import threading
 
 import click
 
-from jobs.defaults import DEFAULT_REDIS_URL
-from jobs.errors import MlxqError
+from mlxq.jobs.defaults import DEFAULT_REDIS_URL
+from mlxq.jobs.errors import MlxqError
 
 __all__ = ["cli", "main"]
 

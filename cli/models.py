@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.defaults import MODEL_ALIASES
+from mlxq.jobs.defaults import MODEL_ALIASES
 
 from .common import echo_json
 from .main import cli

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from jobs.store import JobInfo, JobStore
+from mlxq.jobs.store import JobInfo, JobStore
 
 __all__ = ["watch", "summary"]
 

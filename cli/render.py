@@ -6,9 +6,9 @@ from typing import Any, Optional
 
 import click
 
-from jobs.defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MODEL
-from jobs.errors import InputError, ModelNotFound
-from jobs.ingest import read_requests
+from mlxq.jobs.defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MODEL
+from mlxq.jobs.errors import InputError, ModelNotFound
+from mlxq.jobs.ingest import read_requests
 
 from .common import echo_json
 from .main import cli
@@ -17,7 +17,7 @@ from .main import cli
 def load_tokenizer(name: str) -> Any:
     """The model's mlx-lm tokenizer wrapper, loaded without the weights."""
     from mlx_lm.utils import load_tokenizer as _load
-    from worker.model import resolve_model
+    from mlxq.worker.model import resolve_model
 
     source = resolve_model(name)
     try:
@@ -56,9 +56,9 @@ def render(file, only, model, as_json, max_line_bytes):
       mlxq render requests.jsonl --index 0 --model mlx-community/Qwen1.5-0.5B-Chat-4bit
       mlxq render requests.jsonl --json | jq .tokens
     """
-    from worker.errors import RequestRejected
-    from worker.model import context_length, resolve_model
-    from worker.prompts import check_context, render_prompt
+    from mlxq.worker.errors import RequestRejected
+    from mlxq.worker.model import context_length, resolve_model
+    from mlxq.worker.prompts import check_context, render_prompt
 
     tokenizer = None
     limit = None

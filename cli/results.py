@@ -7,8 +7,8 @@ from typing import TextIO
 
 import click
 
-from jobs.openai import to_openai
-from jobs.store import JobStore
+from mlxq.jobs.openai import to_openai
+from mlxq.jobs.store import JobStore
 
 from .common import store_from
 from .main import cli

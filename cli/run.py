@@ -11,9 +11,9 @@ import click
 import redis
 from click.core import ParameterSource
 
-from jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
-from jobs.store import JobStore
-from jobs.urls import mask_url
+from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from mlxq.jobs.store import JobStore
+from mlxq.jobs.urls import mask_url
 
 from .embedded import EmbeddedRedis, default_data_dir
 from .main import cli
@@ -75,15 +75,15 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
       mlxq run requests.jsonl -o results.jsonl
       mlxq run --resume 3f2a...
     """
-    from worker.blas import ensure_fast_blas
-    from worker.memory import limit_malloc_arenas
+    from mlxq.worker.blas import ensure_fast_blas
+    from mlxq.worker.memory import limit_malloc_arenas
 
     if not file and not resume:
         raise click.UsageError("give FILE, or --resume JOB")
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     ensure_fast_blas()
     limit_malloc_arenas()
-    from worker.service import running_worker
+    from mlxq.worker.service import running_worker
 
     from .results import write_results
     from .submit import ingest, report_invalid
@@ -98,7 +98,7 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
-            from worker.tasks import enqueue
+            from mlxq.worker.tasks import enqueue
 
             if resume:
                 if store.unsent(resume):

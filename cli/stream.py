@@ -6,8 +6,8 @@ import json
 
 import click
 
-from jobs.events import Event
-from jobs.store import JobStore
+from mlxq.jobs.events import Event
+from mlxq.jobs.store import JobStore
 
 from .common import store_from
 from .main import cli

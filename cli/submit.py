@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from jobs.defaults import (
+from mlxq.jobs.defaults import (
     DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
 )
-from jobs.errors import InputError
-from jobs.ingest import read_requests
-from jobs.store import JobStore
+from mlxq.jobs.errors import InputError
+from mlxq.jobs.ingest import read_requests
+from mlxq.jobs.store import JobStore
 
 from .common import echo_json, store_from
 from .progress import watch
@@ -108,8 +108,8 @@ def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_to
     Example:
       mlxq submit requests.jsonl --wait
     """
-    from worker.app import configure
-    from worker.tasks import enqueue
+    from mlxq.worker.app import configure
+    from mlxq.worker.tasks import enqueue
 
     store = store_from(ctx)
     store.retention = retention

@@ -8,11 +8,11 @@ import sys
 
 import click
 
-from jobs.defaults import (
+from mlxq.jobs.defaults import (
     DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB,
     DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
-from jobs.urls import mask_url
+from mlxq.jobs.urls import mask_url
 
 from .main import cli
 
@@ -60,13 +60,13 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, 
     Example:
       mlxq worker --model ./my-model --concurrency 16
     """
-    from worker.blas import ensure_fast_blas
-    from worker.memory import limit_malloc_arenas
+    from mlxq.worker.blas import ensure_fast_blas
+    from mlxq.worker.memory import limit_malloc_arenas
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_fast_blas(disable=no_blas_setup)
     limit_malloc_arenas()
-    from worker.service import serve
+    from mlxq.worker.service import serve
 
     logging.getLogger("mlxq").info("connecting to %s", mask_url(ctx.obj["redis_url"]))
     code = serve(

@@ -183,6 +183,6 @@ def read_lines(fp: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
 
 
 def request_from_json(data: str | bytes) -> Request:
-    """Load a request stored by :meth:`jobs.store.JobStore.add_lines`."""
+    """Load a request stored by :meth:`mlxq.jobs.store.JobStore.add_lines`."""
     obj = json.loads(data)
     return (PromptRequest if "prompt" in obj else MessagesRequest).model_validate(obj)

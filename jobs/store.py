@@ -8,7 +8,7 @@ Keys of job ``J`` (all expire after the retention):
 - ``mlxq:job:J:state``  hash: index -> request status
 - ``mlxq:job:J:res``    hash: index -> result line (JSON), once the request ended
 - ``mlxq:job:J:cid``    hash: explicit custom_id -> index (duplicate detection)
-- ``mlxq:job:J:events`` stream: partial results (see :mod:`jobs.events`)
+- ``mlxq:job:J:events`` stream: partial results (see :mod:`mlxq.jobs.events`)
 - ``mlxq:jobs``         sorted set: job ids by creation time
 - ``mlxq:unsent``       sorted set: job ids whose Celery messages are not all
                         sent yet, by the time their sender's claim runs out
@@ -162,7 +162,7 @@ class JobStore:
         return f"{KEY_PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
     def _keys(self, job_id: str) -> list[str]:
-        """The KEYS every script of :mod:`jobs.scripts` takes, in their order."""
+        """The KEYS every script of :mod:`mlxq.jobs.scripts` takes, in their order."""
         parts = ("", "state", "res", "req", "cid", "events", "attempts")
         return [self.key(job_id, p) for p in parts] + [LEASES]
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from modelfactory import build_adapter, build_model  # noqa: E402
 
-from jobs.store import JobStore  # noqa: E402
+from mlxq.jobs.store import JobStore  # noqa: E402
 
 REDIS_URL = os.environ.get("MLXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -80,7 +80,7 @@ def adapters_dir(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def worker(redis_url, tiny_model, adapters_dir):
     """A real Celery worker (thread pool) in this process, serving the tiny model."""
-    from worker.service import running_worker
+    from mlxq.worker.service import running_worker
 
     with running_worker(redis_url, str(tiny_model), concurrency=8, on_fatal=lambda exc: None,
                         adapters_dir=str(adapters_dir)) as runner:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.models import PromptRequest
-from jobs.store import JobStore
+from mlxq.jobs.models import PromptRequest
+from mlxq.jobs.store import JobStore
 from test_pipeline import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def tls_redis(tmp_path):
 
 
 def _mlxq(url, *args, **kw):
-    return subprocess.run([sys.executable, "-m", "cli", "--redis-url", url, *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mlxq", "--redis-url", url, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, **kw)
 
 
@@ -64,7 +64,7 @@ def test_tls_and_password_work_end_to_end_and_no_secret_is_shown(tmp_path, tls_r
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--redis-url", tls_redis, "worker", "--model", str(tiny_model),
+            [sys.executable, "-m", "mlxq", "--redis-url", tls_redis, "worker", "--model", str(tiny_model),
              "--concurrency", "2"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from cli.main import cli
+from mlxq.cli.main import cli
 from test_pipeline import run_cli, submit_and_wait, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_every_command_has_help_with_an_example():
 
 
 def test_shell_completion_script():
-    out = subprocess.run([sys.executable, "-m", "cli"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "mlxq"], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, _MLXQ_COMPLETE="bash_source"))
     assert "_mlxq_completion" in out.stdout and "complete " in out.stdout
 

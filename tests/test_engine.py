@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import ModelNotFound
-from jobs.models import MessagesRequest, PromptRequest
-from worker.engine import RequestRejected
-from worker.model import resolve_model
+from mlxq.jobs.errors import ModelNotFound
+from mlxq.jobs.models import MessagesRequest, PromptRequest
+from mlxq.worker.engine import RequestRejected
+from mlxq.worker.model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def test_model_resolution_and_plain_errors(tmp_path, tiny_model):
 def test_an_unreachable_hub_model_is_said_plainly(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     out = subprocess.run(
-        [sys.executable, "-m", "cli", "worker", "--model", "no-such-org/no-such-model", "--no-blas-setup"],
+        [sys.executable, "-m", "mlxq", "worker", "--model", "no-such-org/no-such-model", "--no-blas-setup"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 1
@@ -102,8 +102,8 @@ def test_an_unreachable_hub_model_is_said_plainly(tmp_path):
 
 _GREEDY = """
 import json, sys
-from worker.blas import loaded_blas
-from worker.model import load_model
+from mlxq.worker.blas import loaded_blas
+from mlxq.worker.model import load_model
 from mlx_lm import generate
 m = load_model(sys.argv[1])
 prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
@@ -112,7 +112,7 @@ print(json.dumps({"blas": loaded_blas(), "text": generate(m.model, m.tokenizer, 
 
 
 def test_openblas_gives_the_same_greedy_tokens_as_the_reference_blas(tiny_model):
-    from worker.blas import find_openblas
+    from mlxq.worker.blas import find_openblas
 
     lib = find_openblas()
     assert lib, "OpenBLAS is not installed (apt-get install libopenblas0-pthread); .ci/setup installs it"

@@ -7,11 +7,11 @@ import time
 
 import mlx.core as mx
 
-from jobs.ingest import parse_line
-from worker.engine import Engine
-from worker.model import load_model
-from worker.publisher import Publisher
-from worker.runner import Runner
+from mlxq.jobs.ingest import parse_line
+from mlxq.worker.engine import Engine
+from mlxq.worker.model import load_model
+from mlxq.worker.publisher import Publisher
+from mlxq.worker.runner import Runner
 
 
 def test_engine_death_fails_in_flight_requests_ends_streams_and_signals(store, redis_url, tiny_model):

@@ -9,7 +9,7 @@ from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention
 
-from worker.fastmath import _bucket, fast_exp, patch_model, scaled_dot_product_attention, swiglu
+from mlxq.worker.fastmath import _bucket, fast_exp, patch_model, scaled_dot_product_attention, swiglu
 
 
 def test_fast_exp_is_as_close_to_the_true_value_as_mlx_exp():
@@ -56,7 +56,7 @@ def test_attention_matches_mlx_lm(heads, kv_heads, L, S, mask):
 
 
 def test_a_loaded_cpu_model_uses_them(tiny_model):
-    from worker.model import load_model
+    from mlxq.worker.model import load_model
 
     loaded = load_model(str(tiny_model))
     import sys
@@ -74,7 +74,7 @@ def test_a_worker_without_a_compiler_says_its_kernels_run_unfused(tmp_path, tiny
 
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO);"
-        "from worker.fastmath import compiler_available; from worker.model import load_model;"
+        "from mlxq.worker.fastmath import compiler_available; from mlxq.worker.model import load_model;"
         "print('compiler', compiler_available()); load_model(sys.argv[1], force_cpu=True)"
     )
     env = {**os.environ, "PATH": str(tmp_path)}  # a PATH with no g++ on it

@@ -29,8 +29,8 @@ from typing import Callable
 
 import pytest
 
-from jobs.models import JobStatus
-from jobs.store import JobInfo, JobStore
+from mlxq.jobs.models import JobStatus
+from mlxq.jobs.store import JobInfo, JobStore
 from redisproc import RedisProc
 from test_pipeline import results_of, write_jsonl
 
@@ -63,7 +63,7 @@ class Worker:
     def __init__(self, name: str, url: str, model: Path, log: Path, args: tuple[str, ...]):
         self.name = name
         self.log = log
-        cmd = [sys.executable, "-m", "cli", "--redis-url", url, "worker", "--model", str(model),
+        cmd = [sys.executable, "-m", "mlxq", "--redis-url", url, "worker", "--model", str(model),
                "--concurrency", "4", "--lease", "2", *args]  # a later --lease wins
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
         with open(log, "wb") as out:
@@ -121,7 +121,7 @@ class Cluster:
         return w.wait_ready() if ready else w
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli", "--redis-url", self.url, *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "mlxq", "--redis-url", self.url, *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def submit(self, rows: list, name: str = "in.jsonl") -> str:
@@ -263,7 +263,7 @@ def test_submit_killed_while_sending_loses_no_request(cluster):
                        [{"prompt": f"hi {i}", "max_tokens": 1, "temperature": 0} for i in range(total)])
     r = cluster.store.r
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
+        [sys.executable, "-m", "mlxq", "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jobs.ingest import parse_line
+from mlxq.jobs.ingest import parse_line
 from test_pipeline import results_of, run_cli, submit_and_wait, write_jsonl
 
 

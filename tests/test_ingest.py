@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.ingest import Line, parse_line, read_lines, request_from_json
-from jobs.models import MessagesRequest, PromptRequest
+from mlxq.jobs.ingest import Line, parse_line, read_lines, request_from_json
+from mlxq.jobs.models import MessagesRequest, PromptRequest
 
 HYPOTHESIS = settings(max_examples=200, deadline=None)
 

@@ -21,7 +21,7 @@ def _no_job_left(redis_client) -> bool:
 
 _COUNT = """
 import resource, sys
-from jobs.ingest import read_lines
+from mlxq.jobs.ingest import read_lines
 lines = errors = 0
 with open(sys.argv[1], "rb") as f:
     for line in read_lines(f):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.models import PromptRequest
+from mlxq.jobs.models import PromptRequest
 from test_pipeline import results_of, submit_and_wait, write_jsonl
-from worker.errors import RequestRejected
+from mlxq.worker.errors import RequestRejected
 
 
 def _greedy(engine, lora=None, prompt="The adapter says", n=24):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # one <heap nr=...> element per arena in use.
 PROBE = textwrap.dedent("""
     import ctypes, sys, tempfile, threading
-    from worker.memory import limit_malloc_arenas
+    from mlxq.worker.memory import limit_malloc_arenas
     print(limit_malloc_arenas() if sys.argv[1] == "limit" else None)
     barrier = threading.Barrier(8)
     def work():

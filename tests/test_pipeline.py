@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 from pathlib import Path
 
-from cli.main import cli
+from mlxq.cli.main import cli
 
 SEED_OUTPUT = json.loads(
     next(yaml.safe_load_all((Path(__file__).parent / "data" / "seed-schema.yaml").read_text()))["json_schema"]["output"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from worker.model import load_model
-from worker.prefix import PREFIX_BLOCK, PrefixCache
-from worker.sampling import RowSampler
-from worker.slots import SlotBatch
+from mlxq.worker.model import load_model
+from mlxq.worker.prefix import PREFIX_BLOCK, PrefixCache
+from mlxq.worker.sampling import RowSampler
+from mlxq.worker.slots import SlotBatch
 
 MB = 2**20
 

@@ -23,7 +23,7 @@ def _env() -> dict:
 
 def _run(*args, redis_url_arg=None, **kw):
     head = ["--redis-url", redis_url_arg] if redis_url_arg else []
-    return subprocess.run([sys.executable, "-m", "cli", *head, "run", *args], cwd=ROOT, env=_env(),
+    return subprocess.run([sys.executable, "-m", "mlxq", *head, "run", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=180, **kw)
 
 
@@ -51,7 +51,7 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     data = str(tmp_path / "data")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", str(path), "--embedded", "--data-dir", data,
+        [sys.executable, "-m", "mlxq", "run", str(path), "--embedded", "--data-dir", data,
          "--model", str(tiny_model), "--concurrency", "4"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # A suite started in the background (`cmd &`) inherits SIGINT ignored: undo that.
@@ -94,7 +94,7 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
 
 
 def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model, redis_url, store):
-    from cli.submit import ingest
+    from mlxq.cli.submit import ingest
 
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 4} for i in range(5)])
     # Stored, no message sent: as a run stopped right after storing the job.

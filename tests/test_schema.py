@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from jobs.models import MessagesRequest, PromptRequest
+from mlxq.jobs.models import MessagesRequest, PromptRequest
 
 SEED_PATH = Path(__file__).parent / "data" / "seed-schema.yaml"
 

@@ -8,9 +8,9 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from worker.model import load_model
-from worker.sampling import RowSampler, make_request_processors, sample
-from worker.slots import LENGTH_BLOCK, SlotBatch
+from mlxq.worker.model import load_model
+from mlxq.worker.sampling import RowSampler, make_request_processors, sample
+from mlxq.worker.slots import LENGTH_BLOCK, SlotBatch
 
 
 @pytest.fixture(scope="module")

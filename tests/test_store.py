@@ -11,12 +11,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from jobs.defaults import DEFAULT_MODEL, KEY_PREFIX
-from jobs.errors import JobNotFound, StoreError
-from jobs.ingest import parse_line
-from jobs.models import ErrorInfo, JobStatus, Output, RequestStatus, ResultLine, Usage
-from jobs.store import JobStore, Start
-from jobs.urls import mask_url
+from mlxq.jobs.defaults import DEFAULT_MODEL, KEY_PREFIX
+from mlxq.jobs.errors import JobNotFound, StoreError
+from mlxq.jobs.ingest import parse_line
+from mlxq.jobs.models import ErrorInfo, JobStatus, Output, RequestStatus, ResultLine, Usage
+from mlxq.jobs.store import JobStore, Start
+from mlxq.jobs.urls import mask_url
 
 COUNTS = ("queued", "running", "completed", "failed", "cancelled")
 

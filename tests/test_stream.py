@@ -9,7 +9,7 @@ import sys
 import time
 
 
-from jobs.events import job_channel
+from mlxq.jobs.events import job_channel
 from test_pipeline import results_of, run_cli, write_jsonl
 
 
@@ -131,7 +131,7 @@ def test_stream_started_late_has_no_gap_and_no_duplicate(tmp_path, store, redis_
     env = dict(os.environ, MLXQ_REDIS_URL=redis_url)
     launched = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "stream", job_id, "--index", "3", "--sse"],
+        [sys.executable, "-m", "mlxq", "stream", job_id, "--index", "3", "--sse"],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -165,8 +165,8 @@ def test_a_streamed_request_with_tools_adds_up_to_its_response(tmp_path, store, 
 
 
 def test_sse_and_human_output_show_the_tool_calls_of_an_end_event(capsys):
-    from cli.stream import _Human, _sse
-    from jobs.events import Event
+    from mlxq.cli.stream import _Human, _sse
+    from mlxq.jobs.events import Event
 
     calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     end = Event(job_id="j", index=0, custom_id="a", delta="Let me check.", done=True, status="completed",

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
-from cli.main import cli
-from jobs.ingest import parse_line
-from jobs.models import MessagesRequest, PromptRequest, ToolCall
-from worker.engine import Generation
-from worker.prompts import render_prompt
-from worker.runner import stopped_tail
-from worker.tools import (
+from mlxq.cli.main import cli
+from mlxq.jobs.ingest import parse_line
+from mlxq.jobs.models import MessagesRequest, PromptRequest, ToolCall
+from mlxq.worker.engine import Generation
+from mlxq.worker.prompts import render_prompt
+from mlxq.worker.runner import stopped_tail
+from mlxq.worker.tools import (
     TOOL_CALL_START,
     TOOLS_SYSTEM_PROMPT,
     extract_tool_calls,

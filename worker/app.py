@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from jobs.defaults import DEFAULT_VISIBILITY_TIMEOUT
+from mlxq.jobs.defaults import DEFAULT_VISIBILITY_TIMEOUT
 
 __all__ = ["app", "configure", "broker_url", "queue_for"]
 

@@ -19,9 +19,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from jobs.defaults import DEFAULT_PREFIX_CACHE_MB
-from jobs.errors import EngineError
-from jobs.models import Request
+from mlxq.jobs.defaults import DEFAULT_PREFIX_CACHE_MB
+from mlxq.jobs.errors import EngineError
+from mlxq.jobs.models import Request
 
 from .adapters import resolve_adapter, with_adapter
 from .errors import EngineStopped, RequestRejected

@@ -1,6 +1,6 @@
 """Engine errors that stay inside the worker."""
 
-from jobs.errors import EngineError
+from mlxq.jobs.errors import EngineError
 
 __all__ = ["RequestRejected", "EngineStopped"]
 

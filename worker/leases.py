@@ -18,8 +18,8 @@ import logging
 import threading
 from typing import Callable, Iterable
 
-from jobs.errors import JobNotFound, StoreError
-from jobs.store import SEND_GRACE, JobStore
+from mlxq.jobs.errors import JobNotFound, StoreError
+from mlxq.jobs.store import SEND_GRACE, JobStore
 
 __all__ = ["LeaseKeeper"]
 

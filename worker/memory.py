@@ -3,7 +3,7 @@
 A worker runs a Celery pool of ``--concurrency`` threads beside the engine
 thread. glibc gives each thread that allocates its own malloc arena (up to
 eight per core), and every arena keeps the memory freed in it. On Linux the
-worker's re-execution with OpenBLAS (:func:`worker.blas.ensure_fast_blas`)
+worker's re-execution with OpenBLAS (:func:`mlxq.worker.blas.ensure_fast_blas`)
 sets ``MALLOC_ARENA_MAX=2`` for the new process: with the 0.5B shape and 32
 threads that cut the worker's peak RSS by ~52 MB at the same speed (three
 runs, 297-299 MB over weights + the KV-cache estimate, against 348-354 without;

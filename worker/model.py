@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from jobs.defaults import MODEL_ALIASES
-from jobs.errors import ModelNotFound
+from mlxq.jobs.defaults import MODEL_ALIASES
+from mlxq.jobs.errors import ModelNotFound
 
 __all__ = ["LoadedModel", "resolve_model", "load_model"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.models import MessagesRequest, Request
+from mlxq.jobs.models import MessagesRequest, Request
 
 from .errors import RequestRejected
 from .tools import add_tools_system_message, has_tools, request_tools, template_supports_tools
@@ -17,7 +17,7 @@ def render_prompt(tokenizer: Any, request: Request) -> str:
 
     Tools and functions go to a chat template that supports tools as its
     ``tools`` variable (OpenAI-style); otherwise they are described in a system
-    message (:data:`worker.tools.TOOLS_SYSTEM_PROMPT`).
+    message (:data:`mlxq.worker.tools.TOOLS_SYSTEM_PROMPT`).
     """
     kwargs: dict[str, Any] = {}
     if isinstance(request, MessagesRequest):

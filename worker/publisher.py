@@ -16,9 +16,9 @@ import threading
 import time
 from typing import Iterable, Optional
 
-from jobs.errors import StoreError
-from jobs.events import Event
-from jobs.store import JobStore
+from mlxq.jobs.errors import StoreError
+from mlxq.jobs.events import Event
+from mlxq.jobs.store import JobStore
 
 __all__ = ["Publisher"]
 

@@ -10,11 +10,11 @@ from typing import Callable, Iterable, Optional, TypeVar
 
 from celery.exceptions import Reject
 
-from jobs.defaults import DEFAULT_CANCEL_POLL, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS
-from jobs.errors import EngineError, StoreError
-from jobs.events import Event
-from jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage, random_seed
-from jobs.store import JobStore
+from mlxq.jobs.defaults import DEFAULT_CANCEL_POLL, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS
+from mlxq.jobs.errors import EngineError, StoreError
+from mlxq.jobs.events import Event
+from mlxq.jobs.models import ErrorInfo, Output, RequestStatus, ResultLine, Usage, random_seed
+from mlxq.jobs.store import JobStore
 
 from .engine import Engine, Generation, StepEvent
 from .errors import EngineStopped, RequestRejected

@@ -9,10 +9,10 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
-from jobs.defaults import (
+from mlxq.jobs.defaults import (
     DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
-from jobs.store import JobStore
+from mlxq.jobs.store import JobStore
 
 from .app import app, configure, queue_for
 from .blas import loaded_blas

@@ -1,4 +1,4 @@
-"""Celery tasks: one per request; the work happens in :mod:`worker.runner`."""
+"""Celery tasks: one per request; the work happens in :mod:`mlxq.worker.runner`."""
 
 from __future__ import annotations
 

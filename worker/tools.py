@@ -1,6 +1,6 @@
 """Tool calling: tools into the prompt, tool calls out of the generated text.
 
-Into the prompt (:func:`worker.prompts.render_prompt` uses these): a request's
+Into the prompt (:func:`mlxq.worker.prompts.render_prompt` uses these): a request's
 ``tools`` (either seed shape) and ``functions`` are normalised to OpenAI-style
 ``{"type": "function", "function": {"name", "description", "parameters"}}``
 entries (:func:`request_tools`). A chat template that supports tools gets them
@@ -9,7 +9,7 @@ as its ``tools`` variable; for any other model a system message built from
 (:func:`add_tools_system_message`).
 
 Out of the text (:func:`parse_tool_calls`): closed tool-call blocks that parse
-become :class:`~jobs.models.ToolCall` objects and are cut from the response.
+become :class:`~mlxq.jobs.models.ToolCall` objects and are cut from the response.
 The model's own mlx-lm parser is tried first when its tokenizer wrapper has one,
 then the Qwen/Hermes ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
 JSON form. Anything that does not parse stays in the text as it was.
@@ -22,7 +22,7 @@ import logging
 import re
 from typing import Any, Callable, Iterator, Optional
 
-from jobs.models import Function, FunctionTool, MessagesRequest, Request, Tool, ToolCall
+from mlxq.jobs.models import Function, FunctionTool, MessagesRequest, Request, Tool, ToolCall
 
 __all__ = [
     "TOOLS_SYSTEM_PROMPT",
