@@ -405,9 +405,14 @@ class SlotBatch:
         logits = self.model(inputs, cache=self.caches)[:, -1, :]
         if any(r.processors for r in rows):
             logits = self._process(logits, rows)
-        logits = logits.astype(mx.float32)
-        mx.eval(logits)
-        tokens = sample(np.array(logits, copy=False), [r.sampler for r in rows])
+        samplers = [r.sampler for r in rows]
+        if all(s.greedy for s in samplers):
+            # Only the tokens leave MLX, not rows x vocabulary logits.
+            tokens = np.array(mx.argmax(logits, axis=-1))
+        else:
+            logits = logits.astype(mx.float32)
+            mx.eval(logits)
+            tokens = sample(np.array(logits, copy=False), samplers)
         steps = []
         for row, token in zip(rows, tokens.tolist()):
             row.length += 1
