@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from mlxq.cli.main import cli
-from test_pipeline import run_cli, submit_and_wait, write_jsonl
+from helpers import run_cli, submit_and_wait, write_jsonl
+from mlxq.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

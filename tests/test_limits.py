@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from test_pipeline import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 
 NO_WORKER = "no-worker-serves-this-model"
 
