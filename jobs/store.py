@@ -31,7 +31,7 @@ import redis
 from .defaults import DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETENTION, KEY_PREFIX
 from .errors import JobNotFound, StoreError
 from .events import DEFAULT_STREAM_MAXLEN, EMIT_SCRIPT, Event, emit_args, events_key, parse_entries
-from .ingest import Line, request_from_json
+from .ingest import Line, repeated_id, request_from_json
 from . import scripts
 from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
 from .urls import mask_url
@@ -183,8 +183,8 @@ class JobStore:
         self.r.ping()
 
     @_wrap
-    def add_lines(self, job_id: str, lines: list[Line]) -> tuple[int, int]:
-        """Store a batch of parsed lines; returns (valid, invalid).
+    def add_lines(self, job_id: str, lines: list[Line]) -> list[Optional[str]]:
+        """Store a batch of parsed lines; returns the error each line failed with (None: valid).
 
         A line whose ``custom_id`` repeats an earlier line's fails.
         """
@@ -200,22 +200,16 @@ class JobStore:
             if dup:
                 owners = self.r.hmget(cid, [line.custom_id for line in dup])
                 first = {line.index: int(o) for line, o in zip(dup, owners)}
-        valid = invalid = 0
+        errors: list[Optional[str]] = []
         pipe = self.r.pipeline(transaction=False)
         for line in lines:
-            error = line.error
-            if line.index in first:
-                why = "" if line.explicit_id else " (its line number, as it gives none)"
-                error = (
-                    f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id "
-                    f"of request {first[line.index]}"
-                )
+            error = repeated_id(line, first[line.index]) if line.index in first else line.error
+            errors.append(error)
             if error is None:
                 body = line.request.model_dump(mode="json", exclude_none=True)
                 body["custom_id"] = line.custom_id
                 pipe.hset(req, line.index, json.dumps(body, ensure_ascii=False))
                 pipe.hset(state, line.index, RequestStatus.QUEUED.value)
-                valid += 1
             else:
                 failed = ResultLine(
                     index=line.index, custom_id=line.custom_id, status=RequestStatus.FAILED,
@@ -224,9 +218,8 @@ class JobStore:
                 pipe.hset(req, line.index, json.dumps({"custom_id": line.custom_id}))
                 pipe.hset(res, line.index, failed.model_dump_json())
                 pipe.hset(state, line.index, RequestStatus.FAILED.value)
-                invalid += 1
         pipe.execute()
-        return valid, invalid
+        return errors
 
     @_wrap
     def finalize(self, job_id: str, model: str, total: int, valid: int) -> JobInfo:

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from helpers import MLXQ, ROOT, clean_env, run_mlxq, wait_until, write_jsonl
+from mlxq.jobs.files import store_file
 from mlxq.jobs.store import JobStore
 
 # The suite's own process choice; the run itself works either way.
@@ -86,12 +87,10 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
 
 
 def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model, redis_url, store):
-    from mlxq.cli.submit import ingest
-
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 4} for i in range(5)])
     # Stored, no message sent: as a run stopped right after storing the job.
     # Its sender's claim holds for an hour, so no worker's keeper sends for it.
-    info, _, _ = ingest(store, str(path), str(tiny_model))
+    info = store_file(store, str(path), str(tiny_model)).info
     store.sending(info.job_id, grace=3600)
     assert store.unsent(info.job_id)
 

@@ -36,7 +36,7 @@ def make_job(store: JobStore, payloads, batches: int = 1) -> str:
     valid = 0
     size = max(1, -(-len(lines) // batches))
     for lo in range(0, len(lines), size):
-        valid += store.add_lines(job_id, lines[lo:lo + size])[0]
+        valid += store.add_lines(job_id, lines[lo:lo + size]).count(None)
     store.finalize(job_id, DEFAULT_MODEL, total=len(lines), valid=valid)
     return job_id
 
@@ -83,7 +83,10 @@ def test_finalize_makes_a_queued_job_whose_counts_add_up(store):
 
 def test_add_lines_reports_valid_and_invalid(store):
     job_id = store.new_job_id()
-    assert store.add_lines(job_id, lines_of([*prompts(2), b"[]", {"prompt": ""}])) == (2, 2)
+    errors = store.add_lines(job_id, lines_of([*prompts(2), b"[]", {"prompt": "a", "custom_id": "1"}]))
+    assert errors[:2] == [None, None]
+    assert errors[2].startswith("line 3: expected a JSON object")
+    assert errors[3] == "line 4: field 'custom_id': '1' repeats the id of request 0"
 
 
 def test_invalid_lines_are_failed_results_with_code_invalid_request(store):

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Iterable
 
 from mlxq.jobs.errors import JobNotFound, StoreError
+from mlxq.jobs.models import model_name
 from mlxq.jobs.store import SEND_GRACE, JobStore
 
 __all__ = ["LeaseKeeper"]
@@ -78,7 +79,7 @@ class LeaseKeeper:
         """
         sent = 0
         for info in self.store.unfinished_jobs():
-            if self.model is None or info.model.rstrip('/') == self.model.rstrip('/'):
+            if self.model is None or model_name(info.model) == model_name(self.model):
                 sent += self.send(info.job_id, self.store.queued_indices(info.job_id), info.model)
         if sent:
             log.warning("Redis was unreachable: sent %d queued requests again (duplicates are no-ops)", sent)
