@@ -45,7 +45,6 @@ class LeaseKeeper:
         self.send_grace = send_grace
         self._redis_was_down = False
         self.interval = max(0.2, min(lease / 4, 15.0))
-        self.requeued = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlxq-leases", daemon=True)
 
@@ -115,6 +114,5 @@ class LeaseKeeper:
                 model = self.store.model_of(job_id)
                 if model is not None:
                     self.send(job_id, [index], model)
-                    self.requeued += 1
                     log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued",
                                 index, job_id)
