@@ -45,5 +45,5 @@ def test_engine_death_fails_in_flight_requests_ends_streams_and_signals(store, r
     events = store.read_events(job_id)
     assert sorted(e.index for e in events if e.done) == [0, 1, 2]
     assert all(e.status == "failed" for e in events if e.done)
-    assert store.r.zcard("mlxq:leases") == 0 or not any(
-        m.decode().startswith(job_id) for m in store.r.zrange("mlxq:leases", 0, -1))
+    assert store.redis.zcard("mlxq:leases") == 0 or not any(
+        m.decode().startswith(job_id) for m in store.redis.zrange("mlxq:leases", 0, -1))

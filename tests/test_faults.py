@@ -80,14 +80,14 @@ class Cluster:
                           timeout, 0.1)
 
     def attempts(self, job: str) -> dict[int, int]:
-        raw = self.store.r.hgetall(self.store.key(job, "attempts"))
+        raw = self.store.redis.hgetall(self.store.keys(job).attempts)
         return {int(k): int(v) for k, v in raw.items()}
 
     def done_events(self, job: str, total: int) -> dict[int, int]:
         """How many end events each request published (once each when it ended once)."""
         def counts():
             out: dict[int, int] = {}
-            for _, fields in self.store.r.xrange(self.store.key(job, "events")):
+            for _, fields in self.store.redis.xrange(self.store.keys(job).events):
                 event = json.loads(fields[b"e"])
                 if event.get("done"):
                     out[event["index"]] = out.get(event["index"], 0) + 1
@@ -103,7 +103,7 @@ class Cluster:
                 w.kill()
             except Exception:  # noqa: BLE001 - teardown kills everything it can
                 pass
-        self.store.r.close()
+        self.store.redis.close()
         self.redis.kill()
         # Shown by pytest only when the test failed.
         for w in self.workers:
@@ -132,7 +132,7 @@ def assert_all_completed(c: Cluster, job: str, total: int) -> list[dict]:
         assert line["status"] == "completed" and line["error"] is None, line
         usage = line["result"]["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert c.store.r.hlen(c.store.key(job, "res")) == total
+    assert c.store.redis.hlen(c.store.keys(job).results) == total
     assert c.done_events(job, total) == {i: 1 for i in range(total)}
     return lines
 
@@ -198,7 +198,7 @@ def test_submit_killed_while_sending_loses_no_request(cluster):
     total = 600
     path = write_jsonl(cluster.tmp / "many.jsonl",
                        [{"prompt": f"hi {i}", "max_tokens": 1, "temperature": 0} for i in range(total)])
-    r = cluster.store.r
+    r = cluster.store.redis
     proc = subprocess.Popen(
         [*MLXQ, "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -281,7 +281,7 @@ def test_visibility_timeout_redelivery_is_a_no_op(cluster):
     # W1 holds the four messages unacknowledged. Once they are older than the
     # visibility timeout, a worker whose consumer starts restores them to the
     # queue (kombu's restore_visible at poll init): a duplicate delivery.
-    broker = cluster.store.r
+    broker = cluster.store.redis
     wait_until("the messages to pass the visibility timeout",
                lambda: (old := broker.zrange("unacked_index", 0, 0, withscores=True))
                and old[0][1] < time.time() - 2.5 and broker.zcard("unacked_index") == total, 20, 0.1)

@@ -76,7 +76,7 @@ def test_pubsub_subscriber_sees_events_live_and_the_result_is_stored_first(
         if event["done"]:
             ends += 1
             # The result is in Redis by the time its end event arrives.
-            assert redis_client.hget(store.key(job_id, "res"), event["index"]) is not None
+            assert redis_client.hget(store.keys(job_id).results, event["index"]) is not None
             assert event["status"] == "completed" and event["usage"]["completion_tokens"] >= 1
         else:
             deltas += 1
