@@ -7,7 +7,7 @@ One real ``mlxq worker`` runs the same requests as jobs without and with
 A subscriber on the jobs' pub/sub channels timestamps every delta event on
 arrival: latency = arrival - the moment the text left the engine (the event's
 ``ts``). Throughput is taken worker-side: generated tokens / (first claim to
-last result). Reuses the set-up of ``throughput.py``.
+last result). The set-up is ``harness.py``'s, as for ``throughput.py``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from throughput import (  # noqa: E402
-    BenchError, PromptCounter, Worker, connect_redis, ensure_model, flush_mlxq_keys, log, make_requests,
-    mlxq_executable, submit, warm_up_requests, write_jsonl,
+from harness import (
+    BenchError, HelperFailure, PromptCounter, check_environment, connect_redis, ensure_model, flush_mlxq_keys,
+    log, make_requests, start_worker, submit, warm_up_requests, write_jsonl,
 )
 
 
@@ -72,9 +70,9 @@ def _rate(final: dict[str, Any]) -> float:
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    check_environment()
     client = connect_redis(args.redis_url)
     flush_mlxq_keys(client)
-    mlxq = mlxq_executable()
     model_dir = ensure_model(args.shape, 0, args.timeout)
     workdir = Path(tempfile.mkdtemp(prefix="mlxq-stream-bench-"))
     rows = make_requests(args.requests, 0, PromptCounter(model_dir))
@@ -82,14 +80,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     streamed = write_jsonl(workdir / "streamed.jsonl", [dict(r, stream=True) for r in rows])
     rates: dict[str, list[float]] = {"plain": [], "stream": []}
     listener = Listener(client)
-    with Worker(mlxq, args.redis_url, model_dir, args.width, workdir / "worker.log") as worker:
-        worker.wait_ready()
-        submit(mlxq, args.redis_url, model_dir, write_jsonl(workdir / "warm.jsonl", warm_up_requests()),
+    with start_worker(args.redis_url, model_dir, args.width, workdir / "worker.log") as worker:
+        submit(args.redis_url, model_dir, write_jsonl(workdir / "warm.jsonl", warm_up_requests()),
                worker, args.timeout)
         listener.start()
         for r in range(args.rounds):
             for name, path in (("plain", plain), ("stream", streamed)):
-                final = submit(mlxq, args.redis_url, model_dir, path, worker, args.timeout)
+                final = submit(args.redis_url, model_dir, path, worker, args.timeout)
                 rates[name].append(_rate(final))
                 log(f"round {r + 1} {name}: {rates[name][-1]:.1f} tok/s")
     listener.stop()
@@ -115,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         report = benchmark(args)
-    except BenchError as exc:
+    except (BenchError, HelperFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -1,4 +1,9 @@
-"""The command-line interface: ``mlxq submit|status|results|cancel|worker|jobs``."""
+"""The ``mlxq`` command: run, worker, submit, status, results, stream, cancel, retry, jobs, render, models.
+
+Each command is a module of this package (``inspect`` holds status, cancel,
+retry and jobs); :mod:`mlxq.cli.main` names them and imports one only when
+it runs.
+"""
 
 from .main import cli, main
 

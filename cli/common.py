@@ -1,27 +1,41 @@
-"""Helpers the commands share."""
+"""What the commands share: the settings of the ``mlxq`` group, JSON output, and reports."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import click
 
 from mlxq.jobs.errors import StoreError
+from mlxq.jobs.files import Stored
 from mlxq.jobs.store import JobInfo, JobStore
 
-__all__ = ["store_from", "echo_json", "describe"]
+__all__ = ["Settings", "pass_settings", "echo_json", "describe", "report_invalid"]
 
 
-def store_from(ctx: click.Context) -> JobStore:
-    store = JobStore.from_url(ctx.obj["redis_url"])
-    try:
-        store.ping()
-    except StoreError as exc:
-        raise StoreError(
-            f"{exc} (is Redis running there? Set --redis-url or MLXQ_REDIS_URL, "
-            "or use `mlxq run`, which starts its own)"
-        ) from exc
-    return store
+@dataclass(frozen=True)
+class Settings:
+    """The group's options, handed to every command that needs them (``@pass_settings``)."""
+
+    redis_url: str
+    #: Whether --redis-url or MLXQ_REDIS_URL chose the URL (else it is the default).
+    redis_url_given: bool = False
+
+    def store(self) -> JobStore:
+        """The job store at ``redis_url``, answering; else a StoreError that suggests the fix."""
+        store = JobStore.from_url(self.redis_url)
+        try:
+            store.ping()
+        except StoreError as exc:
+            raise StoreError(
+                f"{exc} (is Redis running there? Set --redis-url or MLXQ_REDIS_URL, "
+                "or use `mlxq run`, which starts its own)"
+            ) from exc
+        return store
+
+
+pass_settings = click.make_pass_decorator(Settings)
 
 
 def echo_json(obj) -> None:
@@ -34,3 +48,12 @@ def describe(info: JobInfo) -> str:
         f"  total {info.total}  queued {info.queued}  running {info.running}  "
         f"completed {info.completed}  failed {info.failed}  cancelled {info.cancelled}"
     )
+
+
+def report_invalid(stored: Stored) -> None:
+    """A warning on stderr for each invalid line shown, and how many more there are."""
+    for message in stored.errors:
+        click.echo(f"warning: {message}", err=True)
+    if stored.invalid > len(stored.errors):
+        click.echo(f"warning: ... and {stored.invalid - len(stored.errors)} more invalid lines (see mlxq results)",
+                   err=True)

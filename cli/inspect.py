@@ -1,4 +1,4 @@
-"""``mlxq status|results|cancel|jobs``: look at jobs and steer them."""
+"""``mlxq status|cancel|retry|jobs``: look at jobs and steer them."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import datetime as dt
 import click
 
 from . import progress
-from .common import describe, echo_json, store_from
-from .main import cli
+from .common import Settings, describe, echo_json, pass_settings
+
+__all__ = ["status", "cancel", "retry", "list_jobs"]
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--watch", is_flag=True, help="Show progress until the job ends.")
-@click.pass_context
-def status(ctx, job, as_json, watch):
+@pass_settings
+def status(settings: Settings, job, as_json, watch):
     """Show JOB's status and request counts.
 
     \b
@@ -24,7 +25,7 @@ def status(ctx, job, as_json, watch):
       mlxq status 3f2a... --json
       mlxq status 3f2a... --watch
     """
-    store = store_from(ctx)
+    store = settings.store()
     info = progress.watch(store, job, plain=True if as_json else None) if watch else store.info(job)
     if as_json:
         echo_json(info.as_dict())
@@ -32,10 +33,10 @@ def status(ctx, job, as_json, watch):
         click.echo(describe(info))
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
-@click.pass_context
-def cancel(ctx, job):
+@pass_settings
+def cancel(settings: Settings, job):
     """Cancel JOB: queued requests never start, running ones stop at the next step.
 
     Finished requests keep their results.
@@ -44,13 +45,13 @@ def cancel(ctx, job):
     Example:
       mlxq cancel 3f2a...
     """
-    click.echo(f"job {job}: {store_from(ctx).cancel(job).value}")
+    click.echo(f"job {job}: {settings.store().cancel(job).value}")
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
-@click.pass_context
-def retry(ctx, job):
+@pass_settings
+def retry(settings: Settings, job):
     """Queue JOB's failed requests again (not those whose input was invalid).
 
     \b
@@ -60,26 +61,26 @@ def retry(ctx, job):
     from mlxq.worker.app import configure
     from mlxq.worker.tasks import enqueue
 
-    store = store_from(ctx)
+    store = settings.store()
     indices = store.retry(job)
     if indices:
-        configure(ctx.obj["redis_url"])
+        configure(settings.redis_url)
         enqueue(job, indices, store.info(job).model)
     click.echo(f"job {job}: {len(indices)} failed requests queued again")
 
 
-@cli.command(name="jobs")
+@click.command(name="jobs")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-@click.pass_context
-def list_jobs(ctx, limit, as_json):
+@pass_settings
+def list_jobs(settings: Settings, limit, as_json):
     """List jobs, newest first.
 
     \b
     Example:
       mlxq jobs --limit 10
     """
-    for info in store_from(ctx).list_jobs(limit):
+    for info in settings.store().list_jobs(limit):
         if as_json:
             echo_json(info.as_dict())
             continue

@@ -1,22 +1,52 @@
-"""The ``mlxq`` command group: shared options and the one place errors become exit codes."""
+"""The ``mlxq`` command group: its commands, shared options, and the one place errors become exit codes."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
-import sys
 import threading
 
 import click
+from click.core import ParameterSource
 
 from mlxq.jobs.defaults import DEFAULT_REDIS_URL
 from mlxq.jobs.errors import MlxqError
 
-__all__ = ["cli", "main"]
+from .common import Settings
+
+__all__ = ["COMMANDS", "cli", "main"]
+
+#: Every command: its name -> ``module:function`` in this package. A command's
+#: module is imported only when the command is looked up (as pip's commands
+#: are), and no command module imports this one.
+COMMANDS = {
+    "run": "run:run",
+    "worker": "worker:worker",
+    "submit": "submit:submit",
+    "status": "inspect:status",
+    "results": "results:results",
+    "stream": "stream:stream",
+    "cancel": "inspect:cancel",
+    "retry": "inspect:retry",
+    "jobs": "inspect:list_jobs",
+    "render": "render:render",
+    "models": "models:models",
+}
 
 
 class _Group(click.Group):
-    """Turn mlxq's errors into one line on stderr and an exit code; never a traceback."""
+    """Find the commands in :data:`COMMANDS`; turn mlxq's errors into one line on
+    stderr and an exit code, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in COMMANDS:
+            return None
+        module, function = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -54,19 +84,9 @@ def cli(ctx: click.Context, redis_url: str) -> None:
       mlxq submit requests.jsonl --wait  # another: queue a file, wait
       mlxq results JOB -o results.jsonl
     """
-    ctx.obj = {"redis_url": redis_url}
-
-
-def _register() -> None:
-    from . import commands  # noqa: F401  (attaches the commands)
-
-
-_register()
+    given = ctx.get_parameter_source("redis_url") is not ParameterSource.DEFAULT
+    ctx.obj = Settings(redis_url=redis_url, redis_url_given=given)
 
 
 def main() -> None:
     cli(prog_name="mlxq")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

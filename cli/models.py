@@ -7,7 +7,8 @@ import click
 from mlxq.jobs.defaults import MODEL_ALIASES
 
 from .common import echo_json
-from .main import cli
+
+__all__ = ["models"]
 
 
 def _cached() -> list[dict]:
@@ -27,7 +28,7 @@ def _cached() -> list[dict]:
     )
 
 
-@cli.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def models(as_json):
     """List the seed model names mlxq knows and the models in the local cache.

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import click
 
 from mlxq.jobs.defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MODEL
 from mlxq.jobs.errors import InputError, ModelNotFound
-from mlxq.jobs.ingest import read_requests
+from mlxq.jobs.files import Limits, Tally, read_file
+from mlxq.jobs.ingest import repeated_id
 
 from .common import echo_json
-from .main import cli
+
+__all__ = ["render", "load_tokenizer"]
 
 
 def load_tokenizer(name: str) -> Any:
@@ -27,7 +29,7 @@ def load_tokenizer(name: str) -> Any:
         raise ModelNotFound(f"model {name}: cannot load its tokenizer from {source} ({type(exc).__name__}: {exc})") from exc
 
 
-@cli.command()
+@click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.option("--index", "only", type=click.IntRange(min=0), default=None,
               help="Render only the request with this 0-based index (as in mlxq results).")
@@ -62,56 +64,43 @@ def render(file, only, model, as_json, max_line_bytes):
 
     tokenizer = None
     limit = None
-    total = valid = shown = 0
-    first_error: Optional[str] = None
-    seen: dict[str, int] = {}
-    with open(file, "rb") as fp:
-        for line in read_requests(fp, file, max_line_bytes):
-            total += 1
-            error = line.error
-            if error is None:
-                if line.custom_id in seen:  # as submit does: a repeated id fails the later line
-                    why = "" if line.explicit_id else " (its line number, as it gives none)"
-                    error = (f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id "
-                             f"of request {seen[line.custom_id]}")
-                else:
-                    seen[line.custom_id] = line.index
-                    valid += 1
-            if error is not None and first_error is None:
-                first_error = error
-            if only is not None and line.index != only:
-                continue
-            shown += 1
-            if error is None:
-                if tokenizer is None:
-                    tokenizer = load_tokenizer(model)
-                    limit = context_length(resolve_model(model))
-                try:
-                    prompt = render_prompt(tokenizer, line.request)
-                    tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
-                    if limit:  # as a worker checks it
-                        check_context(tokens, line.request.max_tokens, limit)
-                except RequestRejected as exc:
-                    error = f"line {line.lineno}: {exc}"
-                    valid -= 1  # a worker would reject it too
-                    if first_error is None:
-                        first_error = error
-            if error is not None:
-                if as_json:
-                    echo_json({"index": line.index, "custom_id": line.custom_id, "error": error})
-                else:
-                    click.echo(f"error: {error}", err=True)
-                continue
+    shown = 0
+    tally = Tally(file)
+    seen: dict[str, int] = {}  # custom_id -> index, as the store keeps them for submit
+    for line in read_file(file, Limits(max_line_bytes=max_line_bytes)):
+        error = line.error
+        if error is None and line.custom_id in seen:
+            error = repeated_id(line, seen[line.custom_id])
+        elif error is None:
+            seen[line.custom_id] = line.index
+        wanted = only is None or line.index == only
+        prompt, tokens = None, 0
+        if error is None and (wanted or tally.valid == 0):
+            if tokenizer is None:
+                tokenizer = load_tokenizer(model)
+                limit = context_length(resolve_model(model))
+            try:
+                prompt = render_prompt(tokenizer, line.request)
+                tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+                if limit:  # as a worker checks it: a worker would reject it too
+                    check_context(tokens, line.request.max_tokens, limit)
+            except RequestRejected as exc:
+                error = f"line {line.lineno}: {exc}"
+        tally.add(error)
+        if not wanted:
+            continue
+        shown += 1
+        if error is not None:
             if as_json:
-                echo_json({"index": line.index, "custom_id": line.custom_id, "prompt": prompt, "tokens": tokens})
+                echo_json({"index": line.index, "custom_id": line.custom_id, "error": error})
             else:
-                click.echo(f"--- request {line.index} (line {line.lineno}, custom_id {line.custom_id}): "
-                           f"{tokens} tokens ---")
-                click.echo(prompt)
-    if total == 0:
-        raise InputError(f"{file}: no requests in the file")
-    if valid == 0:
-        first = f"; the first: {first_error}" if first_error else ""
-        raise InputError(f"{file}: none of its {total} requests is valid{first}")
+                click.echo(f"error: {error}", err=True)
+        elif as_json:
+            echo_json({"index": line.index, "custom_id": line.custom_id, "prompt": prompt, "tokens": tokens})
+        else:
+            click.echo(f"--- request {line.index} (line {line.lineno}, custom_id {line.custom_id}): "
+                       f"{tokens} tokens ---")
+            click.echo(prompt)
+    tally.check()
     if only is not None and shown == 0:
-        raise InputError(f"{file}: no request with index {only} (the file has {total})")
+        raise InputError(f"{file}: no request with index {only} (the file has {tally.total})")

@@ -10,8 +10,9 @@ import click
 from mlxq.jobs.openai import to_openai
 from mlxq.jobs.store import JobStore
 
-from .common import store_from
-from .main import cli
+from .common import Settings, pass_settings
+
+__all__ = ["results", "write_results"]
 
 
 def write_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "mlxq") -> int:
@@ -30,14 +31,14 @@ def write_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "mlxq") 
     return n
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
 @click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-",
               help="Write to this file instead of standard output.")
 @click.option("--format", "fmt", type=click.Choice(["mlxq", "openai"]), default="mlxq", show_default=True,
               help="mlxq's result lines, or OpenAI Batch API output lines.")
-@click.pass_context
-def results(ctx, job, output, fmt):
+@pass_settings
+def results(settings: Settings, job, output, fmt):
     """Write JOB's results as JSONL, one line per input line, in input order.
 
     Each mlxq line has index, custom_id, status, and either a result
@@ -50,4 +51,4 @@ def results(ctx, job, output, fmt):
       mlxq results 3f2a... -o results.jsonl
       mlxq results 3f2a... --format openai > batch_output.jsonl
     """
-    write_results(store_from(ctx), job, output, fmt)
+    write_results(settings.store(), job, output, fmt)

@@ -12,19 +12,23 @@ import redis
 from click.core import ParameterSource
 
 from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from mlxq.jobs.models import model_name
 from mlxq.jobs.store import JobStore
 from mlxq.jobs.urls import mask_url
 
+from .common import Settings, report_invalid
 from .embedded import EmbeddedRedis, default_data_dir
-from .main import cli
 from .progress import watch
+from .results import write_results
+from .submit import queue_file
+
+__all__ = ["run"]
 
 
-def _choose_redis(ctx: click.Context, embedded: bool, data_dir: Path):
+def _choose_redis(settings: Settings, embedded: bool, data_dir: Path):
     """The Redis to use: the one configured, else one on localhost, else a private one."""
-    url = ctx.obj["redis_url"]
-    configured = ctx.parent.get_parameter_source("redis_url") is not ParameterSource.DEFAULT
-    if not embedded and (configured or _answers(url)):
+    url = settings.redis_url
+    if not embedded and (settings.redis_url_given or _answers(url)):
         return contextlib.nullcontext(url)
     return _embedded(data_dir)
 
@@ -44,7 +48,7 @@ def _embedded(data_dir: Path):
         yield server.url
 
 
-@cli.command()
+@click.command()
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Results file (JSONL). Default: FILE with .results.jsonl.")
@@ -75,31 +79,25 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
       mlxq run requests.jsonl -o results.jsonl
       mlxq run --resume 3f2a...
     """
-    from mlxq.worker.blas import ensure_fast_blas
-    from mlxq.worker.memory import limit_malloc_arenas
+    from mlxq.worker.process import prepare_worker_process
 
     if not file and not resume:
         raise click.UsageError("give FILE, or --resume JOB")
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    ensure_fast_blas()
-    limit_malloc_arenas()
+    prepare_worker_process()
     from mlxq.worker.service import running_worker
+    from mlxq.worker.tasks import enqueue
 
-    from .results import write_results
-    from .submit import ingest, report_invalid
-
-    with _choose_redis(ctx, embedded, data_dir) as url:
+    with _choose_redis(ctx.find_object(Settings), embedded, data_dir) as url:
         store = JobStore.from_url(url)
         store.ping()
         if resume:
             info = store.info(resume)
             if (ctx.get_parameter_source("model") is ParameterSource.COMMANDLINE
-                    and model.rstrip("/") != info.model.rstrip("/")):
+                    and model_name(model) != model_name(info.model)):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
-            from mlxq.worker.tasks import enqueue
-
             if resume:
                 if store.unsent(resume):
                     # Interrupted while sending: send its queued requests now rather
@@ -107,9 +105,9 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
                     store.sending(resume)
                     enqueue(resume, store.queued_indices(resume), model, store)
             else:
-                info, invalid, errors = ingest(store, file, model)
-                enqueue(info.job_id, store.queued_indices(info.job_id), model, store)
-                report_invalid(invalid, errors)
+                stored = queue_file(store, url, file, model)
+                info = stored.info
+                report_invalid(stored)
             click.echo(f"mlxq: job {info.job_id} on {mask_url(url)}", err=True)
             try:
                 final = watch(store, info.job_id)

@@ -9,8 +9,9 @@ import click
 from mlxq.jobs.events import Event
 from mlxq.jobs.store import JobStore
 
-from .common import store_from
-from .main import cli
+from .common import Settings
+
+__all__ = ["stream"]
 
 _TERMINAL = ("completed", "failed", "cancelled")
 
@@ -84,7 +85,7 @@ def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
             return ok
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
 @click.option("--index", type=click.IntRange(min=0), help="Follow only request INDEX (0-based).")
 @click.option("--sse", is_flag=True, help="Print Workers AI server-sent events: data: {\"response\": ...} (the last with "
@@ -101,7 +102,7 @@ def stream(ctx, job, index, sse):
       mlxq stream 3f2a...
       mlxq stream 3f2a... --index 4 --sse
     """
-    store = store_from(ctx)
+    store = ctx.find_object(Settings).store()
     info = store.info(job)
     if sse and index is None:
         if info.total != 1:

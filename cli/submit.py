@@ -7,80 +7,27 @@ import click
 from mlxq.jobs.defaults import (
     DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
 )
-from mlxq.jobs.errors import InputError
-from mlxq.jobs.ingest import read_requests
+from mlxq.jobs.files import Limits, Stored, store_file
 from mlxq.jobs.store import JobStore
 
-from .common import echo_json, store_from
+from .common import Settings, echo_json, pass_settings, report_invalid
 from .progress import watch
-from .main import cli
 
-_BATCH = 500
-_SHOWN = 10
+__all__ = ["submit", "queue_file"]
 
 
-def ingest(
-    store: JobStore, path: str, model: str,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    max_requests: int = DEFAULT_MAX_REQUESTS,
-    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-):
-    """Store every line of ``path`` under a new job; returns (info, invalid, errors shown).
+def queue_file(store: JobStore, redis_url: str, path: str, model: str, limits: Limits = Limits()) -> Stored:
+    """Store the file at ``path`` as a job and send its requests to ``model``'s queue (``submit``, ``run``)."""
+    from mlxq.worker.app import configure
+    from mlxq.worker.tasks import enqueue
 
-    Nothing is left behind when the file is refused (a limit, or no valid line).
-    """
-    job_id = store.new_job_id()
-    total = valid = tokens = 0
-    errors: list[str] = []
-    batch = []
-    try:
-        with open(path, "rb") as fp:
-            for line in read_requests(fp, path, max_line_bytes):
-                if total >= max_requests:
-                    raise InputError(
-                        f"{path}: more than the limit of {max_requests} requests per job "
-                        "(set --max-requests to raise it, or split the file)"
-                    )
-                total += 1
-                if line.request is not None:
-                    tokens += line.request.max_tokens
-                    if tokens > max_total_tokens:
-                        raise InputError(
-                            f"{path}: line {line.lineno}: the job's requests ask for more than the limit of "
-                            f"{max_total_tokens} tokens in all (sum of max_tokens; set --max-total-tokens "
-                            "to raise it, or split the file)"
-                        )
-                if line.error and len(errors) < _SHOWN:
-                    errors.append(line.error)
-                batch.append(line)
-                if len(batch) >= _BATCH:
-                    valid += store.add_lines(job_id, batch)[0]
-                    batch = []
-            if batch:
-                valid += store.add_lines(job_id, batch)[0]
-        if total == 0:
-            raise InputError(f"{path}: no requests in the file")
-        if valid == 0:
-            first = f"; the first: {errors[0]}" if errors else ""
-            raise InputError(f"{path}: none of its {total} requests is valid{first}")
-    except InputError as exc:
-        store.discard(job_id)
-        message = str(exc)
-        raise InputError(message if message.startswith(f"{path}:") else f"{path}: {message}") from exc
-    except BaseException:
-        store.discard(job_id)
-        raise
-    return store.finalize(job_id, model, total, valid), total - valid, errors
+    stored = store_file(store, path, model, limits)
+    configure(redis_url)
+    enqueue(stored.info.job_id, store.queued_indices(stored.info.job_id), model, store)
+    return stored
 
 
-def report_invalid(invalid: int, errors: list[str]) -> None:
-    for message in errors:
-        click.echo(f"warning: {message}", err=True)
-    if invalid > len(errors):
-        click.echo(f"warning: ... and {invalid - len(errors)} more invalid lines (see mlxq results)", err=True)
-
-
-@cli.command()
+@click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.option("--model", envvar="MLXQ_MODEL", default=DEFAULT_MODEL, show_default=True,
               help="Model for every request: a seed name, hub repository or local directory (env MLXQ_MODEL).")
@@ -94,8 +41,9 @@ def report_invalid(invalid: int, errors: list[str]) -> None:
               show_default=True, envvar="MLXQ_MAX_TOTAL_TOKENS", help="Most tokens (sum of max_tokens) in one job.")
 @click.option("--retention", type=click.IntRange(min=60), default=DEFAULT_RETENTION, show_default=True,
               envvar="MLXQ_RETENTION", help="Seconds the job and its results are kept after it ends.")
-@click.pass_context
-def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens, retention):
+@pass_settings
+def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens,
+           retention):
     """Validate FILE and queue it.
 
     FILE is JSONL, one request per line: Workers AI requests ({"prompt": ...}
@@ -108,20 +56,17 @@ def submit(ctx, file, model, wait, as_json, max_line_bytes, max_requests, max_to
     Example:
       mlxq submit requests.jsonl --wait
     """
-    from mlxq.worker.app import configure
-    from mlxq.worker.tasks import enqueue
-
-    store = store_from(ctx)
+    store = settings.store()
     store.retention = retention
-    info, invalid, errors = ingest(store, file, model, max_line_bytes, max_requests, max_total_tokens)
-    configure(ctx.obj["redis_url"])
-    enqueue(info.job_id, store.queued_indices(info.job_id), model, store)
-    report_invalid(invalid, errors)
+    stored = queue_file(store, settings.redis_url, file, model,
+                        Limits(max_line_bytes, max_requests, max_total_tokens))
+    report_invalid(stored)
+    job = {"job_id": stored.info.job_id, "total": stored.info.total, "invalid": stored.invalid}
     if as_json and not wait:
-        echo_json({"job_id": info.job_id, "total": info.total, "invalid": invalid})
+        echo_json(job)
     elif not as_json:
-        click.echo(info.job_id)
+        click.echo(stored.info.job_id)
     if wait:
-        final = watch(store, info.job_id, plain=True if as_json else None)
+        final = watch(store, stored.info.job_id, plain=True if as_json else None)
         if as_json:
-            echo_json({"job_id": info.job_id, "total": info.total, "invalid": invalid, **final.as_dict()})
+            echo_json({**job, **final.as_dict()})

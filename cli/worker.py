@@ -14,10 +14,12 @@ from mlxq.jobs.defaults import (
 )
 from mlxq.jobs.urls import mask_url
 
-from .main import cli
+from .common import Settings, pass_settings
+
+__all__ = ["worker"]
 
 
-@cli.command()
+@click.command()
 @click.option("--model", envvar="MLXQ_MODEL", default=DEFAULT_MODEL, show_default=True,
               help="Model to serve: a seed name, hub repository or local directory (env MLXQ_MODEL).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY, show_default=True,
@@ -47,8 +49,8 @@ from .main import cli
               help="Memory for keys and values of prompt prefixes already computed (0 turns the cache off).")
 @click.option("--events", is_flag=True, envvar="MLXQ_EVENTS",
               help="Send Celery task events, for monitoring with Flower.")
-@click.pass_context
-def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
+@pass_settings
+def worker(settings: Settings, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
            visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events):
     """Load MODEL once and generate the requests queued for it.
 
@@ -60,17 +62,15 @@ def worker(ctx, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, 
     Example:
       mlxq worker --model ./my-model --concurrency 16
     """
-    from mlxq.worker.blas import ensure_fast_blas
-    from mlxq.worker.memory import limit_malloc_arenas
+    from mlxq.worker.process import prepare_worker_process
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ensure_fast_blas(disable=no_blas_setup)
-    limit_malloc_arenas()
+    prepare_worker_process(blas_setup=not no_blas_setup)
     from mlxq.worker.service import serve
 
-    logging.getLogger("mlxq").info("connecting to %s", mask_url(ctx.obj["redis_url"]))
+    logging.getLogger("mlxq").info("connecting to %s", mask_url(settings.redis_url))
     code = serve(
-        ctx.obj["redis_url"], model, concurrency, loglevel=loglevel.upper(),
+        settings.redis_url, model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
         lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
         backlog=backlog, prefix_cache_mb=prefix_cache_mb,

@@ -1,18 +1,19 @@
 """The domain of mlxq: requests and results, JSONL ingest, the Redis job store."""
 
 from .errors import EngineError, InputError, JobNotFound, MlxqError, ModelNotFound, StoreError
+from .files import Limits, Stored, Tally, read_file, store_file
 from .ingest import Line, parse_line, read_lines
 from .models import (
     ErrorInfo, JobStatus, MessagesRequest, Output, PromptRequest, Request, RequestStatus,
     ResultLine, ToolCall, Usage,
 )
-from .store import JobInfo, JobStore, Start, connect
+from .store import JobInfo, JobKeys, JobStore, Start, connect
 from .urls import mask_url
 
 __all__ = [
     "MlxqError", "InputError", "StoreError", "JobNotFound", "EngineError", "ModelNotFound",
-    "Line", "parse_line", "read_lines",
+    "Line", "parse_line", "read_lines", "Limits", "Tally", "Stored", "read_file", "store_file",
     "JobStatus", "RequestStatus", "PromptRequest", "MessagesRequest", "Request",
     "Output", "Usage", "ToolCall", "ErrorInfo", "ResultLine",
-    "JobStore", "JobInfo", "Start", "connect", "mask_url",
+    "JobStore", "JobInfo", "JobKeys", "Start", "connect", "mask_url",
 ]

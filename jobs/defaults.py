@@ -1,7 +1,9 @@
-"""Every default of mlxq in one place.
+"""The defaults that users can change: what the CLI's options start from, and the model aliases.
 
 Nothing here reads the environment: the CLI maps ``MLXQ_*`` variables onto
-options, and passes the values down.
+options, and passes the values down. Constants that no option changes live
+beside the code they tune (the event Stream's length in ``events.py``, a
+sender's grace in ``store.py``, the malloc arenas in ``worker/memory.py``).
 """
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"

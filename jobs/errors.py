@@ -27,7 +27,11 @@ class StoreError(MlxqError):
 
 
 class JobNotFound(MlxqError):
-    """No such job: it never existed or its retention has passed."""
+    """No such job: it never existed or its retention has passed (or no such request in it)."""
+
+    def __init__(self, job_id: str, message: str = ""):
+        self.job_id = job_id
+        super().__init__(message or f"no job {job_id} (unknown, or expired after its retention)")
 
 
 class EngineError(MlxqError):

@@ -55,15 +55,16 @@ def request_channel(job_id: str, index: int) -> str:
     return f"{events_key(job_id)}:{index}"
 
 
-# KEYS[1] the job's event Stream; ARGV[1] the event JSON (an object without
-# "id"), ARGV[2] job channel, ARGV[3] request channel, ARGV[4] Stream max
-# length, ARGV[5] retention seconds. Appends, then publishes with the new id.
+# Appends an event (a JSON object without "id") to the job's Stream, then
+# publishes it with its new Stream id on the job's and the request's channels.
 EMIT_SCRIPT = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[1])
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
-local msg = '{"id":"' .. id .. '",' .. string.sub(ARGV[1], 2)
-redis.call('PUBLISH', ARGV[2], msg)
-redis.call('PUBLISH', ARGV[3], msg)
+local stream = KEYS[1]
+local event, job_channel, request_channel, maxlen, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', event)
+if redis.call('TTL', stream) < 0 then redis.call('EXPIRE', stream, retention) end
+local msg = '{"id":"' .. id .. '",' .. string.sub(event, 2)
+redis.call('PUBLISH', job_channel, msg)
+redis.call('PUBLISH', request_channel, msg)
 return id
 """
 

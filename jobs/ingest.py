@@ -19,7 +19,7 @@ from .models import MessagesRequest, PromptRequest, Request
 from .openai import from_openai, is_openai_line
 
 __all__ = ["Line", "parse_line", "parse_object", "read_lines", "read_batch_json", "read_requests",
-           "request_from_json"]
+           "repeated_id", "request_from_json"]
 
 _CHUNK = 1 << 16
 
@@ -180,6 +180,12 @@ def read_lines(fp: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
             continue
         yield parse_line(raw.rstrip(b"\r\n"), lineno, index)
         index += 1
+
+
+def repeated_id(line: Line, first: int) -> str:
+    """The error of a line whose ``custom_id`` repeats that of request ``first`` (the later line fails)."""
+    why = "" if line.explicit_id else " (its line number, as it gives none)"
+    return f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id of request {first}"
 
 
 def request_from_json(data: str | bytes) -> Request:

@@ -27,10 +27,16 @@ __all__ = [
     "ErrorInfo",
     "ResultLine",
     "random_seed",
+    "model_name",
 ]
 
 MAX_TEXT = 131072
 MAX_SEED = 9999999999
+
+
+def model_name(name: str) -> str:
+    """The one spelling of a model's name for queues and comparisons: ``org/repo/`` is ``org/repo``."""
+    return name.rstrip("/")
 
 
 def random_seed() -> int:

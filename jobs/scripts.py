@@ -1,161 +1,168 @@
 """The Lua scripts behind every job state change that touches more than one key.
 
-Each script gets the same KEYS, in this order (see :meth:`JobStore._keys`):
-
-    KEYS[1] job hash      KEYS[2] state hash    KEYS[3] result hash
-    KEYS[4] request hash  KEYS[5] custom_id hash KEYS[6] event Stream
-    KEYS[7] attempts hash KEYS[8] the global lease sorted set
-
-A lease member is ``JOB:INDEX``; its score is the time (Unix seconds) at which
-it lapses unless the worker running the request renews it.
+The job scripts (START, FINISH, CANCEL, REQUEUE, RETRY) take a job's keys as
+KEYS, in the order of :class:`mlxq.jobs.store.JobKeys`, and name them first
+thing (:data:`_JOB_KEYS`); each then names its ARGV. CLAIM_UNSENT takes the
+unsent set alone. A lease member is ``JOB:INDEX``; its score is the time (Unix
+seconds) at which it lapses unless the worker running the request renews it.
+Statuses are the values of :class:`~mlxq.jobs.models.JobStatus` and
+:class:`~mlxq.jobs.models.RequestStatus`.
 """
 
-__all__ = ["START", "FINISH", "CANCEL", "REQUEUE", "RETRY"]
+__all__ = ["START", "FINISH", "CANCEL", "REQUEUE", "RETRY", "CLAIM_UNSENT"]
+
+# KEYS of the job scripts: JobKeys' fields, in order. `own` are the keys that
+# expire with the job (all but the shared lease set).
+_JOB_KEYS = """
+local job, states, results, requests, custom_ids, events, attempts, leases =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local own = {job, states, results, requests, custom_ids, events, attempts}
+"""
 
 # Settles the job when every request has ended: completed, or cancelled when
 # it was cancelling; the job's keys then expire after its retention.
-_SETTLE = """
+_SETTLE = _JOB_KEYS + """
 local function settle(now)
-  local c = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed', 'cancelled', 'status', 'retention')
+  local c = redis.call('HMGET', job, 'total', 'completed', 'failed', 'cancelled', 'status', 'retention')
   if tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) < tonumber(c[1]) then return end
   local final = 'completed'
   if c[5] == 'cancelling' or c[5] == 'cancelled' then final = 'cancelled' end
-  redis.call('HSET', KEYS[1], 'status', final, 'finished_at', now)
-  for i = 1, 7 do redis.call('EXPIRE', KEYS[i], tonumber(c[6]) or 604800) end
+  redis.call('HSET', job, 'status', final, 'finished_at', now)
+  for _, key in ipairs(own) do redis.call('EXPIRE', key, tonumber(c[6]) or 604800) end
 end
 """
 
-# ARGV[1] index, ARGV[2] now, ARGV[3] lease seconds, ARGV[4] max attempts,
-# ARGV[5] lease member.
+# Claims request `index` for a worker under a lease.
 # Returns 1: queued -> running, run it; 2: it was running under a lapsed lease
 # (its worker died), take it over; 0: do not run it (ended, cancelled, or live
 # on another worker: a duplicate delivery); -1: no such job; -2: it has used up
 # its attempts (the caller records the failure).
-START = """
-local st = redis.call('HGET', KEYS[1], 'status')
+START = _JOB_KEYS + """
+local index, now, lease, max_attempts, member = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local st = redis.call('HGET', job, 'status')
 if not st then return -1 end
 if st == 'cancelling' or st == 'cancelled' then return 0 end
-local idx, now = ARGV[1], tonumber(ARGV[2])
-local s = redis.call('HGET', KEYS[2], idx)
+local s = redis.call('HGET', states, index)
 if s == 'running' then
-  local lapses = redis.call('ZSCORE', KEYS[8], ARGV[5])
-  if lapses and tonumber(lapses) > now then return 0 end
+  local lapses = redis.call('ZSCORE', leases, member)
+  if lapses and tonumber(lapses) > tonumber(now) then return 0 end
 elseif s ~= 'queued' then
   return 0
 end
-if redis.call('HINCRBY', KEYS[7], idx, 1) > tonumber(ARGV[4]) then return -2 end
-redis.call('ZADD', KEYS[8], now + tonumber(ARGV[3]), ARGV[5])
+if redis.call('HINCRBY', attempts, index, 1) > max_attempts then return -2 end
+redis.call('ZADD', leases, tonumber(now) + lease, member)
 if s == 'running' then return 2 end
-redis.call('HSET', KEYS[2], idx, 'running')
-redis.call('HINCRBY', KEYS[1], 'queued', -1)
-redis.call('HINCRBY', KEYS[1], 'running', 1)
-if st == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2]) end
+redis.call('HSET', states, index, 'running')
+redis.call('HINCRBY', job, 'queued', -1)
+redis.call('HINCRBY', job, 'running', 1)
+if st == 'queued' then redis.call('HSET', job, 'status', 'running', 'started_at', now) end
 return 1
 """
 
-# ARGV[1] index, ARGV[2] final request status, ARGV[3] result line JSON,
-# ARGV[4] now, ARGV[5] lease member, ARGV[6] tokens generated.
+# Records a request's end once.
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 FINISH = _SETTLE + """
-local idx = ARGV[1]
-local s = redis.call('HGET', KEYS[2], idx)
+local index, status, line, now, member, tokens = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local s = redis.call('HGET', states, index)
 if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[2], idx, ARGV[2])
-redis.call('HSET', KEYS[3], idx, ARGV[3])
-redis.call('HINCRBY', KEYS[1], s, -1)
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-redis.call('ZREM', KEYS[8], ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[6])
-settle(ARGV[4])
+redis.call('HSET', states, index, status)
+redis.call('HSET', results, index, line)
+redis.call('HINCRBY', job, s, -1)
+redis.call('HINCRBY', job, status, 1)
+redis.call('ZREM', leases, member)
+redis.call('HINCRBY', job, 'tokens', tokens)
+settle(now)
 return 1
 """
 
-# ARGV[1] now.
 # Queued requests become cancelled; the job is cancelling while a request
 # still runs, else cancelled. Returns the job's status, or nil.
 CANCEL = _SETTLE + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local now = ARGV[1]
+local st = redis.call('HGET', job, 'status')
 if not st then return nil end
 if st == 'completed' or st == 'cancelled' then return st end
-local states = redis.call('HGETALL', KEYS[2])
+local all = redis.call('HGETALL', states)
 local n = 0
-for i = 1, #states, 2 do
-  if states[i + 1] == 'queued' then
-    redis.call('HSET', KEYS[2], states[i], 'cancelled')
+for i = 1, #all, 2 do
+  if all[i + 1] == 'queued' then
+    redis.call('HSET', states, all[i], 'cancelled')
     n = n + 1
   end
 end
 if n > 0 then
-  redis.call('HINCRBY', KEYS[1], 'queued', 0 - n)
-  redis.call('HINCRBY', KEYS[1], 'cancelled', n)
+  redis.call('HINCRBY', job, 'queued', 0 - n)
+  redis.call('HINCRBY', job, 'cancelled', n)
 end
-redis.call('HSET', KEYS[1], 'status', 'cancelling')
-settle(ARGV[1])
-return redis.call('HGET', KEYS[1], 'status')
+redis.call('HSET', job, 'status', 'cancelling')
+settle(now)
+return redis.call('HGET', job, 'status')
 """
 
-# ARGV[1] index, ARGV[2] now, ARGV[3] lease member, ARGV[4] '1' to release a
-# request this worker holds (it is shutting down) rather than a lapsed one.
-# The request goes back to queued (1; the caller sends it again) or, in a
-# cancelling job, ends cancelled (2). 0: the lease was renewed or is gone.
+# Puts a running request back: one with a lapsed lease, or with `release` '1'
+# one this worker holds (it is shutting down). The request goes back to queued
+# (1; the caller sends it again) or, in a cancelling job, ends cancelled (2).
+# 0: the lease was renewed or is gone.
 REQUEUE = _SETTLE + """
-local lapses = redis.call('ZSCORE', KEYS[8], ARGV[3])
+local index, now, member, release = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lapses = redis.call('ZSCORE', leases, member)
 if not lapses then return 0 end
-if ARGV[4] ~= '1' and tonumber(lapses) > tonumber(ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[8], ARGV[3])
-local idx = ARGV[1]
-if redis.call('HGET', KEYS[2], idx) ~= 'running' then return 0 end
-redis.call('HINCRBY', KEYS[1], 'running', -1)
-if redis.call('HGET', KEYS[1], 'status') == 'cancelling' then
-  redis.call('HSET', KEYS[2], idx, 'cancelled')
-  redis.call('HINCRBY', KEYS[1], 'cancelled', 1)
-  settle(ARGV[2])
+if release ~= '1' and tonumber(lapses) > tonumber(now) then return 0 end
+redis.call('ZREM', leases, member)
+if redis.call('HGET', states, index) ~= 'running' then return 0 end
+redis.call('HINCRBY', job, 'running', -1)
+if redis.call('HGET', job, 'status') == 'cancelling' then
+  redis.call('HSET', states, index, 'cancelled')
+  redis.call('HINCRBY', job, 'cancelled', 1)
+  settle(now)
   return 2
 end
-redis.call('HSET', KEYS[2], idx, 'queued')
-redis.call('HINCRBY', KEYS[1], 'queued', 1)
+redis.call('HSET', states, index, 'queued')
+redis.call('HINCRBY', job, 'queued', 1)
 return 1
 """
 
-# ARGV[1] retention seconds.
 # Failed requests go back to queued, except those whose input was invalid
-# (they would fail again). Returns their indices.
-RETRY = """
-if not redis.call('HGET', KEYS[1], 'status') then return nil end
-local states = redis.call('HGETALL', KEYS[2])
+# (they would fail again); the job's keys expire after `retention` again.
+# Returns their indices, or nil for no such job.
+RETRY = _JOB_KEYS + """
+local retention = ARGV[1]
+if not redis.call('HGET', job, 'status') then return nil end
+local all = redis.call('HGETALL', states)
 local out = {}
-for i = 1, #states, 2 do
-  if states[i + 1] == 'failed' then
-    local line = cjson.decode(redis.call('HGET', KEYS[3], states[i]))
+for i = 1, #all, 2 do
+  if all[i + 1] == 'failed' then
+    local line = cjson.decode(redis.call('HGET', results, all[i]))
     if type(line.error) ~= 'table' or line.error.code ~= 'invalid_request' then
-      redis.call('HSET', KEYS[2], states[i], 'queued')
-      redis.call('HDEL', KEYS[3], states[i])
-      redis.call('HDEL', KEYS[7], states[i])
-      table.insert(out, states[i])
+      redis.call('HSET', states, all[i], 'queued')
+      redis.call('HDEL', results, all[i])
+      redis.call('HDEL', attempts, all[i])
+      table.insert(out, all[i])
     end
   end
 end
 if #out > 0 then
-  redis.call('HINCRBY', KEYS[1], 'failed', 0 - #out)
-  redis.call('HINCRBY', KEYS[1], 'queued', #out)
-  local st = redis.call('HGET', KEYS[1], 'status')
+  redis.call('HINCRBY', job, 'failed', 0 - #out)
+  redis.call('HINCRBY', job, 'queued', #out)
+  local st = redis.call('HGET', job, 'status')
   if st == 'completed' or st == 'cancelled' then
-    redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'finished_at')
+    redis.call('HSET', job, 'status', 'queued')
+    redis.call('HDEL', job, 'finished_at')
   end
-  for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  for _, key in ipairs(own) do redis.call('EXPIRE', key, retention) end
 end
 return out
 """
 
-
-# Claim the jobs whose sender's claim has run out (score <= now): push their
-# deadline to ARGV[2], so that one caller at a time sends for each.
-# KEYS: unsent set. ARGV: now, new deadline, limit.
+# Claims the jobs whose sender's claim has run out (score <= now): pushes their
+# deadline to `deadline`, so that one caller at a time sends for each.
+# KEYS: the unsent set.
 CLAIM_UNSENT = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local unsent = KEYS[1]
+local now, deadline, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', unsent, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
-  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('ZADD', unsent, deadline, id)
 end
 return ids
 """

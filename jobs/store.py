@@ -1,19 +1,27 @@
 """The Redis job store.
 
-Keys of job ``J`` (all expire after the retention):
+The keys of job ``J`` are :class:`JobKeys` (they expire after the retention):
 
-- ``mlxq:job:J``        hash: status, model, created_at, started_at, finished_at,
-                        total and one count per request status
-- ``mlxq:job:J:req``    hash: index -> the validated request (JSON)
-- ``mlxq:job:J:state``  hash: index -> request status
-- ``mlxq:job:J:res``    hash: index -> result line (JSON), once the request ended
-- ``mlxq:job:J:cid``    hash: explicit custom_id -> index (duplicate detection)
-- ``mlxq:job:J:events`` stream: partial results (see :mod:`mlxq.jobs.events`)
-- ``mlxq:jobs``         sorted set: job ids by creation time
-- ``mlxq:unsent``       sorted set: job ids whose Celery messages are not all
-                        sent yet, by the time their sender's claim runs out
+- ``mlxq:job:J``          ``job``: hash: status, model, created_at, started_at,
+                          finished_at, retention, tokens, total and one count per
+                          request status
+- ``mlxq:job:J:state``    ``states``: hash: index -> request status
+- ``mlxq:job:J:res``      ``results``: hash: index -> result line (JSON), once the request ended
+- ``mlxq:job:J:req``      ``requests``: hash: index -> the validated request (JSON)
+- ``mlxq:job:J:cid``      ``custom_ids``: hash: custom_id -> index (duplicate detection)
+- ``mlxq:job:J:events``   ``events``: stream: partial results (see :mod:`mlxq.jobs.events`)
+- ``mlxq:job:J:attempts`` ``attempts``: hash: index -> times the request started
 
-Every change of state that touches more than one key is one Lua script.
+and the keys of every job (they do not expire):
+
+- ``mlxq:leases``         :data:`LEASES`: sorted set: running requests (``J:INDEX``)
+                          by the time their lease lapses
+- ``mlxq:jobs``           :data:`JOBS`: sorted set: job ids by creation time
+- ``mlxq:unsent``         :data:`UNSENT`: sorted set: job ids whose Celery messages are
+                          not all sent yet, by the time their sender's claim runs out
+
+Every change of state that touches more than one key is one Lua script
+(:mod:`mlxq.jobs.scripts`).
 """
 
 from __future__ import annotations
@@ -24,22 +32,23 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import redis
 
 from .defaults import DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETENTION, KEY_PREFIX
 from .errors import JobNotFound, StoreError
 from .events import DEFAULT_STREAM_MAXLEN, EMIT_SCRIPT, Event, emit_args, events_key, parse_entries
-from .ingest import Line, request_from_json
+from .ingest import Line, repeated_id, request_from_json
 from . import scripts
 from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
 from .urls import mask_url
 
-__all__ = ["JobStore", "JobInfo", "Start", "connect"]
+__all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "connect"]
 
 _CHUNK = 1000
 LEASES = f"{KEY_PREFIX}:leases"
+JOBS = f"{KEY_PREFIX}:jobs"
 UNSENT = f"{KEY_PREFIX}:unsent"
 #: Seconds a job's sender has to send (or renew its claim) before a worker sends for it.
 SEND_GRACE = 60.0
@@ -84,6 +93,30 @@ def _wrap(method):
             raise StoreError(f"Redis at {self.where}: {exc}") from exc
 
     return wrapper
+
+
+class JobKeys(NamedTuple):
+    """The keys of one job, in the order the job scripts take them as KEYS (and name them)."""
+
+    job: str
+    states: str
+    results: str
+    requests: str
+    custom_ids: str
+    events: str
+    attempts: str
+    leases: str = LEASES  # shared by every job
+
+    @classmethod
+    def of(cls, job_id: str) -> "JobKeys":
+        base = f"{KEY_PREFIX}:job:{job_id}"
+        return cls(base, f"{base}:state", f"{base}:res", f"{base}:req", f"{base}:cid", events_key(job_id),
+                   f"{base}:attempts")
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The job's own keys, which expire with it (not the shared lease set)."""
+        return self[:-1]
 
 
 @dataclass(frozen=True)
@@ -139,7 +172,7 @@ class JobStore:
     """All of mlxq's Redis state, behind methods that say what they mean."""
 
     def __init__(self, client: redis.Redis, retention: int = DEFAULT_RETENTION, where: str = "?"):
-        self.r = client
+        self.redis = client
         self.retention = retention
         self.where = where
         self._start = client.register_script(scripts.START)
@@ -158,13 +191,8 @@ class JobStore:
     # -- keys ---------------------------------------------------------------
 
     @staticmethod
-    def key(job_id: str, part: str = "") -> str:
-        return f"{KEY_PREFIX}:job:{job_id}" + (f":{part}" if part else "")
-
-    def _keys(self, job_id: str) -> list[str]:
-        """The KEYS every script of :mod:`mlxq.jobs.scripts` takes, in their order."""
-        parts = ("", "state", "res", "req", "cid", "events", "attempts")
-        return [self.key(job_id, p) for p in parts] + [LEASES]
+    def keys(job_id: str) -> JobKeys:
+        return JobKeys.of(job_id)
 
     @staticmethod
     def member(job_id: str, index: int) -> str:
@@ -180,70 +208,64 @@ class JobStore:
 
     @_wrap
     def ping(self) -> None:
-        self.r.ping()
+        self.redis.ping()
 
     @_wrap
-    def add_lines(self, job_id: str, lines: list[Line]) -> tuple[int, int]:
-        """Store a batch of parsed lines; returns (valid, invalid).
+    def add_lines(self, job_id: str, lines: list[Line]) -> list[Optional[str]]:
+        """Store a batch of parsed lines; returns the error each line failed with (None: valid).
 
         A line whose ``custom_id`` repeats an earlier line's fails.
         """
-        state, res, req, cid = (self.key(job_id, p) for p in ("state", "res", "req", "cid"))
+        keys = self.keys(job_id)
         valid_lines = [line for line in lines if line.request is not None]
         first: dict[int, int] = {}
         if valid_lines:
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             for line in valid_lines:
-                pipe.hsetnx(cid, line.custom_id, line.index)
+                pipe.hsetnx(keys.custom_ids, line.custom_id, line.index)
             fresh = pipe.execute()
             dup = [line for line, ok in zip(valid_lines, fresh) if not ok]
             if dup:
-                owners = self.r.hmget(cid, [line.custom_id for line in dup])
+                owners = self.redis.hmget(keys.custom_ids, [line.custom_id for line in dup])
                 first = {line.index: int(o) for line, o in zip(dup, owners)}
-        valid = invalid = 0
-        pipe = self.r.pipeline(transaction=False)
+        errors: list[Optional[str]] = []
+        pipe = self.redis.pipeline(transaction=False)
         for line in lines:
-            error = line.error
-            if line.index in first:
-                why = "" if line.explicit_id else " (its line number, as it gives none)"
-                error = (
-                    f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id "
-                    f"of request {first[line.index]}"
-                )
+            error = repeated_id(line, first[line.index]) if line.index in first else line.error
+            errors.append(error)
             if error is None:
                 body = line.request.model_dump(mode="json", exclude_none=True)
                 body["custom_id"] = line.custom_id
-                pipe.hset(req, line.index, json.dumps(body, ensure_ascii=False))
-                pipe.hset(state, line.index, RequestStatus.QUEUED.value)
-                valid += 1
+                pipe.hset(keys.requests, line.index, json.dumps(body, ensure_ascii=False))
+                pipe.hset(keys.states, line.index, RequestStatus.QUEUED.value)
             else:
                 failed = ResultLine(
                     index=line.index, custom_id=line.custom_id, status=RequestStatus.FAILED,
                     error=ErrorInfo(code="invalid_request", message=error),
                 )
-                pipe.hset(req, line.index, json.dumps({"custom_id": line.custom_id}))
-                pipe.hset(res, line.index, failed.model_dump_json())
-                pipe.hset(state, line.index, RequestStatus.FAILED.value)
-                invalid += 1
+                pipe.hset(keys.requests, line.index, json.dumps({"custom_id": line.custom_id}))
+                pipe.hset(keys.results, line.index, failed.model_dump_json())
+                pipe.hset(keys.states, line.index, RequestStatus.FAILED.value)
         pipe.execute()
-        return valid, invalid
+        return errors
 
     @_wrap
     def finalize(self, job_id: str, model: str, total: int, valid: int) -> JobInfo:
         """Make a fully stored job visible and queued, in one step."""
         now = time.time()
-        pipe = self.r.pipeline(transaction=True)
+        keys = self.keys(job_id)
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
-            self.key(job_id),
+            keys.job,
             mapping={
                 "status": JobStatus.QUEUED.value, "model": model, "created_at": repr(now),
                 "total": total, "queued": valid, "running": 0, "completed": 0,
                 "failed": total - valid, "cancelled": 0, "retention": self.retention,
             },
         )
-        for k in self._keys(job_id)[:7]:
-            pipe.expire(k, self.retention)
-        pipe.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
+        for key in keys.own:
+            pipe.expire(key, self.retention)
+        pipe.zadd(JOBS, {job_id: now})
         pipe.zadd(UNSENT, {job_id: now + SEND_GRACE})
         pipe.execute()
         return self.info(job_id)
@@ -260,17 +282,17 @@ class JobStore:
     @_wrap
     def sending(self, job_id: str, grace: float = SEND_GRACE) -> None:
         """Renew this sender's claim on the job's sending."""
-        self.r.zadd(UNSENT, {job_id: time.time() + grace}, xx=True)
+        self.redis.zadd(UNSENT, {job_id: time.time() + grace}, xx=True)
 
     @_wrap
     def sent(self, job_id: str) -> None:
         """Every queued request of the job has its message."""
-        self.r.zrem(UNSENT, job_id)
+        self.redis.zrem(UNSENT, job_id)
 
     @_wrap
     def unsent(self, job_id: str) -> bool:
         """Whether the job's sender has not yet sent every message (or died trying)."""
-        return self.r.zscore(UNSENT, job_id) is not None
+        return self.redis.zscore(UNSENT, job_id) is not None
 
     @_wrap
     def claim_unsent(self, grace: float = SEND_GRACE, limit: int = 10) -> list[str]:
@@ -281,7 +303,7 @@ class JobStore:
 
     @_wrap
     def discard(self, job_id: str) -> None:
-        self.r.delete(*self._keys(job_id)[:7])
+        self.redis.delete(*self.keys(job_id).own)
 
     # -- running requests ---------------------------------------------------
 
@@ -291,7 +313,7 @@ class JobStore:
     ) -> Start:
         """Claim request ``index`` for this worker under a lease of ``lease`` seconds."""
         outcome = self._start(
-            keys=self._keys(job_id),
+            keys=self.keys(job_id),
             args=[index, repr(time.time()), lease, max_attempts, self.member(job_id, index)],
         )
         return Start(run=outcome in (1, 2), redelivered=outcome == 2, exhausted=outcome == -2)
@@ -299,9 +321,9 @@ class JobStore:
     @_wrap
     def load_request(self, job_id: str, index: int) -> tuple[str, Request]:
         """The custom_id and request stored at ``index``."""
-        data = self.r.hget(self.key(job_id, "req"), index)
+        data = self.redis.hget(self.keys(job_id).requests, index)
         if data is None:
-            raise JobNotFound(f"job {job_id} has no request {index}")
+            raise JobNotFound(job_id, f"job {job_id} has no request {index}")
         return json.loads(data)["custom_id"], request_from_json(data)
 
     @_wrap
@@ -310,7 +332,7 @@ class JobStore:
         tokens = line.result.usage.completion_tokens if line.result else 0
         args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()),
                 self.member(job_id, line.index), tokens]
-        return self._finish(keys=self._keys(job_id), args=args, client=pipeline) == 1
+        return self._finish(keys=self.keys(job_id), args=args, client=pipeline) == 1
 
     # -- leases -------------------------------------------------------------------
 
@@ -320,12 +342,12 @@ class JobStore:
         members = list(members)
         if members:
             until = time.time() + lease
-            self.r.zadd(LEASES, {m: until for m in members}, xx=True)
+            self.redis.zadd(LEASES, {m: until for m in members}, xx=True)
 
     @_wrap
     def lapsed(self, limit: int = 100) -> list[tuple[str, int]]:
         """(job_id, index) of requests whose lease has lapsed: their worker is gone."""
-        members = self.r.zrangebyscore(LEASES, "-inf", repr(time.time()), start=0, num=limit)
+        members = self.redis.zrangebyscore(LEASES, "-inf", repr(time.time()), start=0, num=limit)
         out = []
         for m in members:
             job_id, _, index = m.decode().rpartition(":")
@@ -337,7 +359,7 @@ class JobStore:
         """Put a request with a lapsed lease (or, with ``release``, one this worker
         holds) back in the queue; True if it must be sent again."""
         outcome = self._requeue(
-            keys=self._keys(job_id),
+            keys=self.keys(job_id),
             args=[index, repr(time.time()), self.member(job_id, index), "1" if release else "0"],
         )
         return outcome == 1
@@ -345,25 +367,26 @@ class JobStore:
     @_wrap
     def retry(self, job_id: str) -> list[int]:
         """Queue the failed requests of ``job_id`` again (not those with invalid input)."""
-        retention = self.r.hget(self.key(job_id), "retention") or self.retention
-        out = self._retry(keys=self._keys(job_id), args=[int(retention)])
+        keys = self.keys(job_id)
+        retention = self.redis.hget(keys.job, "retention") or self.retention
+        out = self._retry(keys=keys, args=[int(retention)])
         if out is None:
-            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+            raise JobNotFound(job_id)
         return sorted(int(i) for i in out)
 
     @_wrap
     def model_of(self, job_id: str) -> Optional[str]:
-        model = self.r.hget(self.key(job_id), "model")
+        model = self.redis.hget(self.keys(job_id).job, "model")
         return model.decode() if model is not None else None
 
     @_wrap
     def is_cancelling(self, job_id: str) -> bool:
-        status = self.r.hget(self.key(job_id), "status")
-        return status in (b"cancelling", b"cancelled", None)
+        status = self.redis.hget(self.keys(job_id).job, "status")
+        return status is None or JobStatus(status.decode()) in (JobStatus.CANCELLING, JobStatus.CANCELLED)
 
     @_wrap
     def request_states(self, job_id: str, indices: Iterable[int]) -> list[Optional[str]]:
-        values = self.r.hmget(self.key(job_id, "state"), list(indices))
+        values = self.redis.hmget(self.keys(job_id).states, list(indices))
         return [v.decode() if v is not None else None for v in values]
 
     # -- partial results ---------------------------------------------------------
@@ -371,7 +394,7 @@ class JobStore:
     @_wrap
     def emit(self, events: Iterable[Event]) -> None:
         """Append and publish ``events``, in order, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for event in events:
             keys, args = emit_args(event, self.stream_maxlen, self.retention)
             self._emit(keys=keys, args=args, client=pipe)
@@ -380,16 +403,16 @@ class JobStore:
     @_wrap
     def read_events(self, job_id: str, after: str = "0-0", block_ms: Optional[int] = None) -> list[Event]:
         """Events of ``job_id`` after Stream id ``after``; waits up to ``block_ms`` for one."""
-        reply = self.r.xread({events_key(job_id): after}, count=1000, block=block_ms)
+        reply = self.redis.xread({events_key(job_id): after}, count=1000, block=block_ms)
         return parse_entries(reply[0][1]) if reply else []
 
     # -- reading and steering a job ------------------------------------------
 
     @_wrap
     def info(self, job_id: str) -> JobInfo:
-        h = self.r.hgetall(self.key(job_id))
+        h = self.redis.hgetall(self.keys(job_id).job)
         if not h or b"status" not in h:
-            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+            raise JobNotFound(job_id)
         d = {k.decode(): v.decode() for k, v in h.items()}
 
         def num(name: str) -> int:
@@ -406,34 +429,35 @@ class JobStore:
 
     @_wrap
     def cancel(self, job_id: str) -> JobStatus:
-        status = self._cancel(keys=self._keys(job_id), args=[repr(time.time())])
+        status = self._cancel(keys=self.keys(job_id), args=[repr(time.time())])
         if status is None:
-            raise JobNotFound(f"no job {job_id} (unknown, or expired after its retention)")
+            raise JobNotFound(job_id)
         return JobStatus(status.decode())
 
     @_wrap
     def queued_indices(self, job_id: str) -> Iterator[int]:
         """Indices of the job's queued requests, in order, a chunk at a time."""
         total = self.info(job_id).total
+        states = self.keys(job_id).states
         for lo in range(0, total, _CHUNK):
             idx = list(range(lo, min(lo + _CHUNK, total)))
-            for i, s in zip(idx, self.r.hmget(self.key(job_id, "state"), idx)):
-                if s == b"queued":
+            for i, s in zip(idx, self.redis.hmget(states, idx)):
+                if s is not None and RequestStatus(s.decode()) is RequestStatus.QUEUED:
                     yield i
 
     @_wrap
     def results(self, job_id: str) -> Iterator[ResultLine]:
         """One line per request, in input order; unfinished ones carry no result."""
         total = self.info(job_id).total
-        res, state, req = (self.key(job_id, p) for p in ("res", "state", "req"))
+        keys = self.keys(job_id)
         for lo in range(0, total, _CHUNK):
             idx = list(range(lo, min(lo + _CHUNK, total)))
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(res, idx)
-            pipe.hmget(state, idx)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(keys.results, idx)
+            pipe.hmget(keys.states, idx)
             stored, states = pipe.execute()
             missing = [i for i, s in zip(idx, stored) if s is None]
-            ids = dict(zip(missing, self.r.hmget(req, missing))) if missing else {}
+            ids = dict(zip(missing, self.redis.hmget(keys.requests, missing))) if missing else {}
             for i, s, st in zip(idx, stored, states):
                 if s is not None:
                     yield ResultLine.model_validate_json(s)
@@ -448,7 +472,7 @@ class JobStore:
     @_wrap
     def unfinished_jobs(self) -> list[JobInfo]:
         """Jobs that have not ended (queued, running or cancelling)."""
-        ids = self.r.zrange(f"{KEY_PREFIX}:jobs", 0, -1)
+        ids = self.redis.zrange(JOBS, 0, -1)
         out = []
         for raw in ids:
             try:
@@ -461,11 +485,11 @@ class JobStore:
 
     @_wrap
     def list_jobs(self, limit: int = 50) -> list[JobInfo]:
-        ids = self.r.zrevrange(f"{KEY_PREFIX}:jobs", 0, limit - 1)
+        ids = self.redis.zrevrange(JOBS, 0, limit - 1)
         out = []
         for raw in ids:
             try:
                 out.append(self.info(raw.decode()))
             except JobNotFound:
-                self.r.zrem(f"{KEY_PREFIX}:jobs", raw)
+                self.redis.zrem(JOBS, raw)
         return out

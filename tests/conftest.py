@@ -7,18 +7,15 @@ missing Redis is an error, not a skip. Every test starts and ends with no
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from modelfactory import build_adapter, build_model  # noqa: E402
-
-from mlxq.jobs.store import JobStore  # noqa: E402
+from mlxq.jobs.store import JobStore
+from modelfactory import build_adapter, build_model
 
 REDIS_URL = os.environ.get("MLXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -69,11 +66,9 @@ def adapters_dir(tmp_path_factory, tiny_model) -> Path:
     build_adapter(root / "shift", tiny_model, seed=3)
     build_adapter(root / "team" / "shift2", tiny_model, seed=4)
     build_adapter(root / "broken", tiny_model, rank=4)
-    import json as _json
-
-    config = _json.loads((root / "broken" / "adapter_config.json").read_text())
+    config = json.loads((root / "broken" / "adapter_config.json").read_text())
     config["lora_parameters"]["rank"] = 8  # the saved weights have rank 4
-    (root / "broken" / "adapter_config.json").write_text(_json.dumps(config))
+    (root / "broken" / "adapter_config.json").write_text(json.dumps(config))
     return root
 
 

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from helpers import WorkerProcess, free_port, run_mlxq, wait_until, write_jsonl
+from mlxq.jobs.errors import StoreError
 from mlxq.jobs.models import PromptRequest
 from mlxq.jobs.store import JobStore
-from test_pipeline import write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-Pa55"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def tls_redis(tmp_path):
          "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True,
     )
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
          "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
@@ -42,45 +32,34 @@ def tls_redis(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"rediss://:{SECRET}@localhost:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
-    deadline = time.time() + 10
-    while True:
+    store = JobStore.from_url(url)
+
+    def answers() -> bool:
         try:
-            JobStore.from_url(url).ping()
-            break
-        except Exception:
-            assert time.time() < deadline, "TLS redis-server did not start"
-            time.sleep(0.1)
+            store.ping()
+            return True
+        except StoreError:
+            return False
+
+    wait_until("the TLS redis-server to answer", answers, 60, 0.1)
     yield url
     proc.kill()
     proc.wait()
 
 
-def _mlxq(url, *args, **kw):
-    return subprocess.run([sys.executable, "-m", "mlxq", "--redis-url", url, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, **kw)
-
-
 def test_tls_and_password_work_end_to_end_and_no_secret_is_shown(tmp_path, tls_redis, tiny_model):
     log = tmp_path / "worker.log"
-    with open(log, "w") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "mlxq", "--redis-url", tls_redis, "worker", "--model", str(tiny_model),
-             "--concurrency", "2"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
+    with WorkerProcess(tls_redis, tiny_model, log, concurrency=2):
         path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello", "max_tokens": 5}, {"prompt": ""}])
-        done = _mlxq(tls_redis, "submit", str(path), "--model", str(tiny_model), "--wait", "--json")
+        done = run_mlxq("submit", str(path), "--model", str(tiny_model), "--wait", "--json", redis_url=tls_redis)
         assert done.returncode == 0, done.stderr + log.read_text()
         final = json.loads(done.stdout.splitlines()[-1])
         assert final["status"] == "completed" and final["counts"]["completed"] == 1
         outputs = [done.stdout, done.stderr]
         for args in (("status", final["job_id"]), ("results", final["job_id"]), ("status", "f" * 32)):
-            r = _mlxq(tls_redis, *args)
+            r = run_mlxq(*args, redis_url=tls_redis)
             outputs += [r.stdout, r.stderr]
         assert "completed" in outputs[2]
-    finally:
-        worker.terminate()
-        worker.wait(30)
     text = log.read_text()
     assert "Connected to rediss://" in text  # it really went over TLS
     assert "rediss://:***@localhost" in text  # and our own log line masks the password
@@ -90,7 +69,7 @@ def test_tls_and_password_work_end_to_end_and_no_secret_is_shown(tmp_path, tls_r
 
 def test_wrong_password_is_one_masked_line(tls_redis, tmp_path):
     wrong = tls_redis.replace(SECRET, "nope-nope")
-    r = _mlxq(wrong, "jobs")
+    r = run_mlxq("jobs", redis_url=wrong)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "nope-nope" not in r.stderr and ":***@" in r.stderr

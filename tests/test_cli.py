@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -11,18 +12,34 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from mlxq.cli.main import cli
-from test_pipeline import run_cli, submit_and_wait, write_jsonl
+from helpers import run_cli, submit_and_wait, write_jsonl
+from mlxq.cli import cli
+from mlxq.cli.main import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_command_has_help_with_an_example():
     runner = CliRunner()
-    for name in cli.commands:
+    listed = runner.invoke(cli, ["--help"]).output.split("Commands:")[1].split()
+    assert set(COMMANDS) <= set(listed)
+    for name in COMMANDS:
         out = runner.invoke(cli, [name, "--help"])
         assert out.exit_code == 0, name
         assert "Example" in out.output, f"mlxq {name} --help has no example"
+
+
+def test_no_command_module_imports_the_group():
+    """The group names its commands (mlxq.cli.main.COMMANDS); none imports it back."""
+    for path in (ROOT / "cli").glob("*.py"):
+        if path.name in ("__init__.py", "main.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                names = {alias.name for alias in node.names}
+                assert target not in (".main", "mlxq.cli.main"), path.name
+                assert not (target in (".", "mlxq.cli") and names & {"main", "cli"}), path.name
 
 
 def test_shell_completion_script():

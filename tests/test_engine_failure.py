@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import mlx.core as mx
 
+from helpers import wait_until
 from mlxq.jobs.ingest import parse_line
 from mlxq.worker.engine import Engine
 from mlxq.worker.model import load_model
@@ -29,10 +29,7 @@ def test_engine_death_fails_in_flight_requests_ends_streams_and_signals(store, r
     threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, runner.run(job_id, i))) for i in range(3)]
     for t in threads:
         t.start()
-    deadline = time.time() + 30
-    while len({e.index for e in store.read_events(job_id)}) < 3:  # all three are generating
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_until("all three to generate", lambda: len({e.index for e in store.read_events(job_id)}) == 3, 120, 0.01)
     # A real failure inside MLX on the engine thread: a weight of the wrong shape.
     loaded.model.model.layers[0].mlp.down_proj.weight = mx.zeros((3, 3))
     for t in threads:
@@ -48,5 +45,5 @@ def test_engine_death_fails_in_flight_requests_ends_streams_and_signals(store, r
     events = store.read_events(job_id)
     assert sorted(e.index for e in events if e.done) == [0, 1, 2]
     assert all(e.status == "failed" for e in events if e.done)
-    assert store.r.zcard("mlxq:leases") == 0 or not any(
-        m.decode().startswith(job_id) for m in store.r.zrange("mlxq:leases", 0, -1))
+    assert store.redis.zcard("mlxq:leases") == 0 or not any(
+        m.decode().startswith(job_id) for m in store.redis.zrange("mlxq:leases", 0, -1))

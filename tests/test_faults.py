@@ -18,23 +18,18 @@ reliably take seconds ("length").
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
+from helpers import MLXQ, ROOT, WorkerProcess, results_of, run_mlxq, wait_until, write_jsonl
 from mlxq.jobs.models import JobStatus
 from mlxq.jobs.store import JobInfo, JobStore
 from redisproc import RedisProc
-from test_pipeline import results_of, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
 LONG_PROMPTS = ["story 5", "story 17", "story 31", "story 1", "story 23"]
 
 pytestmark = pytest.mark.slow
@@ -43,65 +38,6 @@ pytestmark = pytest.mark.slow
 def long_rows(n: int, max_tokens: int) -> list[dict]:
     return [{"prompt": LONG_PROMPTS[i % len(LONG_PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
             for i in range(n)]
-
-
-def wait_until(what: str, predicate: Callable[[], object], timeout: float, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Worker:
-    """An ``mlxq worker`` subprocess with its log in a file."""
-
-    def __init__(self, name: str, url: str, model: Path, log: Path, args: tuple[str, ...]):
-        self.name = name
-        self.log = log
-        cmd = [sys.executable, "-m", "mlxq", "--redis-url", url, "worker", "--model", str(model),
-               "--concurrency", "4", "--lease", "2", *args]  # a later --lease wins
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.pid = self.proc.pid
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_ready(self, timeout: float = 60) -> "Worker":
-        # Celery prints "mlxq-<pid>@<host> ready." (the OpenBLAS re-exec keeps the pid).
-        pattern = re.compile(rf"mlxq-{self.pid}@\S+ ready")
-
-        def ready():
-            if not self.alive:
-                pytest.fail(f"worker {self.name} exited with {self.proc.returncode}:\n{self.text()}")
-            return pattern.search(self.text())
-
-        wait_until(f"worker {self.name} to be ready", ready, timeout, 0.1)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no acknowledgement, leases left to lapse."""
-        if self.alive:
-            os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def succeeded(self) -> list[str]:
-        """The return values of the tasks this worker ran ('completed', 'skipped', ...)."""
-        return re.findall(r"Task mlxq\.generate\[[^\]]+\] succeeded in [\d.e-]+s: '(\w+)'", self.text())
 
 
 class Cluster:
@@ -113,16 +49,17 @@ class Cluster:
         self.redis = RedisProc(tmp_path / "redis").start()
         self.url = self.redis.url
         self.store = JobStore.from_url(self.url)
-        self.workers: list[Worker] = []
+        self.workers: list[WorkerProcess] = []
 
-    def worker(self, name: str, *args: str, ready: bool = True) -> Worker:
-        w = Worker(name, self.url, self.model, self.tmp / f"worker-{name}.log", args)
+    def worker(self, name: str, *args: str, ready: bool = True) -> WorkerProcess:
+        # A short lease, so that a killed worker's requests come back soon; a later --lease wins.
+        w = WorkerProcess(self.url, self.model, self.tmp / f"worker-{name}.log", "--lease", "2", *args,
+                          name=f"worker {name}")
         self.workers.append(w)
         return w.wait_ready() if ready else w
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mlxq", "--redis-url", self.url, *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return run_mlxq(*args, redis_url=self.url, timeout=timeout)
 
     def submit(self, rows: list, name: str = "in.jsonl") -> str:
         path = write_jsonl(self.tmp / name, rows)
@@ -143,14 +80,14 @@ class Cluster:
                           timeout, 0.1)
 
     def attempts(self, job: str) -> dict[int, int]:
-        raw = self.store.r.hgetall(self.store.key(job, "attempts"))
+        raw = self.store.redis.hgetall(self.store.keys(job).attempts)
         return {int(k): int(v) for k, v in raw.items()}
 
     def done_events(self, job: str, total: int) -> dict[int, int]:
         """How many end events each request published (once each when it ended once)."""
         def counts():
             out: dict[int, int] = {}
-            for _, fields in self.store.r.xrange(self.store.key(job, "events")):
+            for _, fields in self.store.redis.xrange(self.store.keys(job).events):
                 event = json.loads(fields[b"e"])
                 if event.get("done"):
                     out[event["index"]] = out.get(event["index"], 0) + 1
@@ -166,11 +103,11 @@ class Cluster:
                 w.kill()
             except Exception:  # noqa: BLE001 - teardown kills everything it can
                 pass
-        self.store.r.close()
+        self.store.redis.close()
         self.redis.kill()
         # Shown by pytest only when the test failed.
         for w in self.workers:
-            print(f"\n===== worker {w.name} (pid {w.pid}, exit {w.proc.returncode}) =====\n{w.text()}")
+            print(f"\n===== {w.name} (pid {w.pid}, exit {w.proc.returncode}) =====\n{w.text()}")
         print(f"\n===== redis-server (port {self.redis.port}) =====\n{self.redis.log_text()[-5000:]}")
 
 
@@ -195,7 +132,7 @@ def assert_all_completed(c: Cluster, job: str, total: int) -> list[dict]:
         assert line["status"] == "completed" and line["error"] is None, line
         usage = line["result"]["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert c.store.r.hlen(c.store.key(job, "res")) == total
+    assert c.store.redis.hlen(c.store.keys(job).results) == total
     assert c.done_events(job, total) == {i: 1 for i in range(total)}
     return lines
 
@@ -261,9 +198,9 @@ def test_submit_killed_while_sending_loses_no_request(cluster):
     total = 600
     path = write_jsonl(cluster.tmp / "many.jsonl",
                        [{"prompt": f"hi {i}", "max_tokens": 1, "temperature": 0} for i in range(total)])
-    r = cluster.store.r
+    r = cluster.store.redis
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxq", "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
+        [*MLXQ, "--redis-url", cluster.url, "submit", str(path), "--model", str(cluster.model)],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:
@@ -344,7 +281,7 @@ def test_visibility_timeout_redelivery_is_a_no_op(cluster):
     # W1 holds the four messages unacknowledged. Once they are older than the
     # visibility timeout, a worker whose consumer starts restores them to the
     # queue (kombu's restore_visible at poll init): a duplicate delivery.
-    broker = cluster.store.r
+    broker = cluster.store.redis
     wait_until("the messages to pass the visibility timeout",
                lambda: (old := broker.zrange("unacked_index", 0, 0, withscores=True))
                and old[0][1] < time.time() - 2.5 and broker.zcard("unacked_index") == total, 20, 0.1)
@@ -397,8 +334,7 @@ def test_retry_reruns_failed_requests_but_not_invalid_ones(cluster):
     assert [line["status"] for line in before] == ["failed", "failed", "completed", "failed"]
     assert [(line["error"] or {}).get("code") for line in before] == ["timeout", "timeout", None, "invalid_request"]
 
-    hurried.proc.terminate()  # a warm shutdown: nothing is running
-    hurried.proc.wait(30)
+    hurried.stop(30)  # a warm shutdown: nothing is running
     cluster.worker("patient")
     out = cluster.cli("retry", job)
     assert out.returncode == 0, out.stderr

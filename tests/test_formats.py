@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlxq.jobs.ingest import parse_line
-from test_pipeline import results_of, run_cli, submit_and_wait, write_jsonl
+from helpers import results_of, run_cli, submit_and_wait, write_jsonl
 
 
 def _chat(custom_id, body, url="/v1/chat/completions"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from test_pipeline import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 
 NO_WORKER = "no-worker-serves-this-model"
 
@@ -84,8 +84,8 @@ def test_retention_is_applied_to_the_job(tmp_path, store, redis_client, redis_ur
     path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "x"}])
     out = run_cli(redis_url, "submit", str(path), "--model", NO_WORKER, "--json", "--retention", "120")
     job_id = json.loads(out.stdout)["job_id"]
-    assert 100 < redis_client.ttl(store.key(job_id)) <= 120
-    assert 100 < redis_client.ttl(store.key(job_id, "req")) <= 120
+    assert 100 < redis_client.ttl(store.keys(job_id).job) <= 120
+    assert 100 < redis_client.ttl(store.keys(job_id).requests) <= 120
 
 
 _json_scalars = st.one_of(

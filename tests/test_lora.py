@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlxq.jobs.models import PromptRequest
-from test_pipeline import results_of, submit_and_wait, write_jsonl
+from helpers import results_of, submit_and_wait, write_jsonl
 from mlxq.worker.errors import RequestRejected
 
 

@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
+
+from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-from pathlib import Path
 
-from mlxq.cli.main import cli
+from helpers import results_of, run_cli, submit_and_wait, wait_until, write_jsonl
+from mlxq.cli import cli
 
 SEED_OUTPUT = json.loads(
     next(yaml.safe_load_all((Path(__file__).parent / "data" / "seed-schema.yaml").read_text()))["json_schema"]["output"]
 )
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run_cli(redis_url: str, *args: str):
-    return CliRunner().invoke(cli, ["--redis-url", redis_url, *args], catch_exceptions=False)
-
-
-def submit_and_wait(redis_url, model, path) -> dict:
-    out = run_cli(redis_url, "submit", str(path), "--model", str(model), "--wait", "--json")
-    assert out.exit_code == 0, out.output
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def results_of(redis_url, job_id) -> list[dict]:
-    out = run_cli(redis_url, "results", job_id)
-    assert out.exit_code == 0, out.output
-    return [json.loads(line) for line in out.stdout.splitlines()]
 
 
 def test_mixed_file_one_result_per_line(tmp_path, redis_client, redis_url, tiny_model, worker):
@@ -123,17 +103,15 @@ def test_cancel_stops_running_and_queued_requests(tmp_path, redis_client, redis_
     out = run_cli(redis_url, "submit", str(write_jsonl(tmp_path / "c.jsonl", rows)), "--model", str(tiny_model),
                   "--json")
     job_id = json.loads(out.stdout)["job_id"]
-    deadline = time.time() + 30
-    while json.loads(run_cli(redis_url, "status", job_id, "--json").stdout)["counts"]["running"] == 0:
-        assert time.time() < deadline
-        time.sleep(0.05)
+
+    def status() -> dict:
+        return json.loads(run_cli(redis_url, "status", job_id, "--json").stdout)
+
+    wait_until("a request to run", lambda: status()["counts"]["running"], 60)
     out = run_cli(redis_url, "cancel", job_id)
     assert out.exit_code == 0 and out.stdout.strip() in (f"job {job_id}: cancelling", f"job {job_id}: cancelled")
-    deadline = time.time() + 30
-    while (status := json.loads(run_cli(redis_url, "status", job_id, "--json").stdout))["status"] != "cancelled":
-        assert time.time() < deadline, status
-        time.sleep(0.1)
-    counts = status["counts"]
+    final = wait_until("the job to be cancelled", lambda: (s := status())["status"] == "cancelled" and s, 60, 0.1)
+    counts = final["counts"]
     assert counts["queued"] == counts["running"] == 0
     assert counts["completed"] + counts["failed"] + counts["cancelled"] == counts["total"] == 30
     assert counts["cancelled"] >= 22  # all but the 8 that were running, at least

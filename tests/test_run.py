@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from test_pipeline import write_jsonl
+from helpers import MLXQ, ROOT, clean_env, run_mlxq, wait_until, write_jsonl
+from mlxq.jobs.files import store_file
+from mlxq.jobs.store import JobStore
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLXQ_REDIS_URL"}
-    env["MLXQ_NO_BLAS_SETUP"] = "1"  # the suite's own process choice; the run itself works either way
-    return env
+# The suite's own process choice; the run itself works either way.
+ENV = clean_env(MLXQ_NO_BLAS_SETUP="1")
 
 
-def _run(*args, redis_url_arg=None, **kw):
-    head = ["--redis-url", redis_url_arg] if redis_url_arg else []
-    return subprocess.run([sys.executable, "-m", "mlxq", *head, "run", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=180, **kw)
+def _run(*args, redis_url_arg=None):
+    return run_mlxq("run", *args, redis_url=redis_url_arg, env=ENV, timeout=300)
 
 
 def test_run_does_the_whole_job_with_an_embedded_redis(tmp_path, tiny_model):
@@ -51,9 +43,9 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     data = str(tmp_path / "data")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxq", "run", str(path), "--embedded", "--data-dir", data,
+        [*MLXQ, "run", str(path), "--embedded", "--data-dir", data,
          "--model", str(tiny_model), "--concurrency", "4"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # A suite started in the background (`cmd &`) inherits SIGINT ignored: undo that.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -66,7 +58,8 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
             line = proc.stderr.readline()
             if line.startswith("mlxq: job "):
                 job_id = line.split()[2]
-        time.sleep(1.0)
+        store = JobStore.from_url(f"unix://{data}/redis.sock")
+        wait_until("a request to generate", lambda: store.info(job_id).running, 60)
         # Known issue: in a full CI run the first SIGINT was sometimes lost (the
         # job then ran to the end); cause not found yet. Repeat it, as a user would.
         err = ""
@@ -94,12 +87,10 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
 
 
 def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model, redis_url, store):
-    from mlxq.cli.submit import ingest
-
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 4} for i in range(5)])
     # Stored, no message sent: as a run stopped right after storing the job.
     # Its sender's claim holds for an hour, so no worker's keeper sends for it.
-    info, _, _ = ingest(store, str(path), str(tiny_model))
+    info = store_file(store, str(path), str(tiny_model)).info
     store.sending(info.job_id, grace=3600)
     assert store.unsent(info.job_id)
 

@@ -36,7 +36,7 @@ def make_job(store: JobStore, payloads, batches: int = 1) -> str:
     valid = 0
     size = max(1, -(-len(lines) // batches))
     for lo in range(0, len(lines), size):
-        valid += store.add_lines(job_id, lines[lo:lo + size])[0]
+        valid += store.add_lines(job_id, lines[lo:lo + size]).count(None)
     store.finalize(job_id, DEFAULT_MODEL, total=len(lines), valid=valid)
     return job_id
 
@@ -83,7 +83,10 @@ def test_finalize_makes_a_queued_job_whose_counts_add_up(store):
 
 def test_add_lines_reports_valid_and_invalid(store):
     job_id = store.new_job_id()
-    assert store.add_lines(job_id, lines_of([*prompts(2), b"[]", {"prompt": ""}])) == (2, 2)
+    errors = store.add_lines(job_id, lines_of([*prompts(2), b"[]", {"prompt": "a", "custom_id": "1"}]))
+    assert errors[:2] == [None, None]
+    assert errors[2].startswith("line 3: expected a JSON object")
+    assert errors[3] == "line 4: field 'custom_id': '1' repeats the id of request 0"
 
 
 def test_invalid_lines_are_failed_results_with_code_invalid_request(store):
@@ -151,10 +154,19 @@ def test_job_ids_are_32_hex_chars_and_differ():
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
+def test_a_jobs_keys_are_named_as_documented():
+    keys = JobStore.keys("J")
+    assert keys == ("mlxq:job:J", "mlxq:job:J:state", "mlxq:job:J:res", "mlxq:job:J:req", "mlxq:job:J:cid",
+                    "mlxq:job:J:events", "mlxq:job:J:attempts", "mlxq:leases")
+    assert (keys.job, keys.attempts, keys.leases) == ("mlxq:job:J", "mlxq:job:J:attempts", "mlxq:leases")
+    assert "mlxq:leases" not in keys.own
+
+
 def test_job_keys_expire_after_the_retention(store, redis_client):
     job_id = make_job(store, [{"custom_id": "c", "prompt": "a"}, b"bad"])
-    keys = [store.key(job_id, p) for p in ("", "state", "res", "req", "cid")]
-    for key in keys:
+    for key in store.keys(job_id).own:
+        if key.endswith((":events", ":attempts")):
+            continue  # not written yet
         ttl = redis_client.ttl(key)
         assert store.retention - 5 <= ttl <= store.retention, (key, ttl)
 
@@ -162,14 +174,15 @@ def test_job_keys_expire_after_the_retention(store, redis_client):
 def test_ttl_follows_the_stores_retention_and_is_renewed_at_the_end(redis_client):
     store = JobStore(redis_client, retention=1234)
     job_id = make_job(store, [{"custom_id": "c", "prompt": "a"}, b"bad"])
-    key = store.key(job_id)
+    key = store.keys(job_id).job
     assert 1230 <= redis_client.ttl(key) <= 1234
     redis_client.expire(key, 50)
     store.start(job_id, 0)
     assert store.finish(job_id, done(0, "c"))
     assert store.info(job_id).status is JobStatus.COMPLETED
-    for part in ("", "state", "res", "req", "cid"):
-        assert 1230 <= redis_client.ttl(store.key(job_id, part)) <= 1234
+    for key in store.keys(job_id).own:
+        if not key.endswith(":events"):  # nothing was streamed
+            assert 1230 <= redis_client.ttl(key) <= 1234, key
 
 
 # -- running -----------------------------------------------------------------------
@@ -411,7 +424,7 @@ def test_discard_removes_a_job_and_list_jobs_forgets_it(store, redis_client):
     keep = make_job(store, prompts(1))
     gone = make_job(store, [{"custom_id": "x", "prompt": "a"}, b"bad"])
     store.discard(gone)
-    assert not any(redis_client.exists(store.key(gone, p)) for p in ("", "state", "res", "req", "cid"))
+    assert not any(redis_client.exists(key) for key in store.keys(gone).own)
     with pytest.raises(JobNotFound):
         store.info(gone)
     assert [i.job_id for i in store.list_jobs()] == [keep]
@@ -422,7 +435,7 @@ def test_discard_removes_a_job_and_list_jobs_forgets_it(store, redis_client):
 def test_discard_before_finalize(store, redis_client):
     job_id = store.new_job_id()
     store.add_lines(job_id, lines_of([{"custom_id": "a", "prompt": "x"}, b"bad"]))
-    assert redis_client.exists(store.key(job_id, "req"))
+    assert redis_client.exists(store.keys(job_id).requests)
     store.discard(job_id)
     assert list(redis_client.scan_iter(f"{KEY_PREFIX}:job:{job_id}*")) == []
 
@@ -496,8 +509,8 @@ def test_bad_url_is_a_store_error_without_the_password():
 def test_redis_error_while_iterating_results_is_a_store_error(store, redis_client):
     job_id = make_job(store, prompts(3))
     # The job hash is fine (info() works), but reading the results fails mid-way.
-    redis_client.delete(store.key(job_id, "res"))
-    redis_client.set(store.key(job_id, "res"), "not a hash")
+    redis_client.delete(store.keys(job_id).results)
+    redis_client.set(store.keys(job_id).results, "not a hash")
     with pytest.raises(StoreError):
         list(store.results(job_id))
 

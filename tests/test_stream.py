@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
-
+from helpers import clean_env, results_of, run_cli, run_mlxq, wait_until, write_jsonl
 from mlxq.jobs.events import job_channel
-from test_pipeline import results_of, run_cli, write_jsonl
 
 
 def _submit(redis_url, model, path) -> str:
@@ -19,11 +15,8 @@ def _submit(redis_url, model, path) -> str:
     return json.loads(out.stdout)["job_id"]
 
 
-def _wait(store, job_id, timeout=60):
-    deadline = time.time() + timeout
-    while not store.info(job_id).status.terminal:
-        assert time.time() < deadline
-        time.sleep(0.05)
+def _wait(store, job_id, timeout=120):
+    wait_until(f"job {job_id} to end", lambda: store.info(job_id).status.terminal, timeout)
 
 
 def _all_events(store, job_id) -> list:
@@ -83,7 +76,7 @@ def test_pubsub_subscriber_sees_events_live_and_the_result_is_stored_first(
         if event["done"]:
             ends += 1
             # The result is in Redis by the time its end event arrives.
-            assert redis_client.hget(store.key(job_id, "res"), event["index"]) is not None
+            assert redis_client.hget(store.keys(job_id).results, event["index"]) is not None
             assert event["status"] == "completed" and event["usage"]["completion_tokens"] >= 1
         else:
             deltas += 1
@@ -124,16 +117,9 @@ def test_stream_started_late_has_no_gap_and_no_duplicate(tmp_path, store, redis_
     rows = [{"prompt": f"long {i}", "stream": True, "max_tokens": 4000, "temperature": 1.0, "seed": 9 + i}
             for i in range(8)]
     job_id = _submit(redis_url, tiny_model, write_jsonl(tmp_path / "l.jsonl", rows))
-    deadline = time.time() + 30
-    while not store.read_events(job_id):  # the job is under way
-        assert time.time() < deadline
-        time.sleep(0.02)
-    env = dict(os.environ, MLXQ_REDIS_URL=redis_url)
+    wait_until("the job to be under way", lambda: store.read_events(job_id), 60, 0.02)
     launched = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlxq", "stream", job_id, "--index", "3", "--sse"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_mlxq("stream", job_id, "--index", "3", "--sse", env=clean_env(MLXQ_REDIS_URL=redis_url))
     assert proc.returncode == 0, proc.stderr
     _wait(store, job_id)
     # The follower joined a running job: it had to replay, then follow live.

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
-from mlxq.cli.main import cli
+from helpers import write_jsonl
+from mlxq.cli import cli
 from mlxq.jobs.ingest import parse_line
 from mlxq.jobs.models import MessagesRequest, PromptRequest, ToolCall
 from mlxq.worker.engine import Generation
@@ -302,11 +303,6 @@ def test_a_template_with_tool_call_markers_gets_mlx_lm_parser(tools_tokenizer):
 # -- mlxq render ---------------------------------------------------------------
 
 NO_REDIS = "redis://127.0.0.1:1/0"  # render must not need Redis
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def render_cli(*args: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from mlxq.jobs.defaults import DEFAULT_VISIBILITY_TIMEOUT
+from mlxq.jobs.models import model_name
 
 __all__ = ["app", "configure", "broker_url", "queue_for"]
 
@@ -47,4 +48,4 @@ def configure(redis_url: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEO
 
 def queue_for(model: str) -> str:
     """The Celery queue that workers serving ``model`` consume."""
-    return f"mlxq:{model.rstrip('/')}"
+    return f"mlxq:{model_name(model)}"

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Iterable
 
 from mlxq.jobs.errors import JobNotFound, StoreError
+from mlxq.jobs.models import model_name
 from mlxq.jobs.store import SEND_GRACE, JobStore
 
 __all__ = ["LeaseKeeper"]
@@ -44,7 +45,6 @@ class LeaseKeeper:
         self.send_grace = send_grace
         self._redis_was_down = False
         self.interval = max(0.2, min(lease / 4, 15.0))
-        self.requeued = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlxq-leases", daemon=True)
 
@@ -78,7 +78,7 @@ class LeaseKeeper:
         """
         sent = 0
         for info in self.store.unfinished_jobs():
-            if self.model is None or info.model.rstrip('/') == self.model.rstrip('/'):
+            if self.model is None or model_name(info.model) == model_name(self.model):
                 sent += self.send(info.job_id, self.store.queued_indices(info.job_id), info.model)
         if sent:
             log.warning("Redis was unreachable: sent %d queued requests again (duplicates are no-ops)", sent)
@@ -114,6 +114,5 @@ class LeaseKeeper:
                 model = self.store.model_of(job_id)
                 if model is not None:
                     self.send(job_id, [index], model)
-                    self.requeued += 1
                     log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued",
                                 index, job_id)

@@ -4,14 +4,11 @@ A worker runs a Celery pool of ``--concurrency`` threads beside the engine
 thread. glibc gives each thread that allocates its own malloc arena (up to
 eight per core), and every arena keeps the memory freed in it. On Linux the
 worker's re-execution with OpenBLAS (:func:`mlxq.worker.blas.ensure_fast_blas`)
-sets ``MALLOC_ARENA_MAX=2`` for the new process: with the 0.5B shape and 32
-threads that cut the worker's peak RSS by ~52 MB at the same speed (three
-runs, 297-299 MB over weights + the KV-cache estimate, against 348-354 without;
-``benchmarks/throughput.py``). Where there is no re-execution,
+sets ``MALLOC_ARENA_MAX=2`` for the new process, which lowers its peak RSS at
+the same speed (``benchmarks/RESULTS.md``). Where there is no re-execution,
 :func:`limit_malloc_arenas` sets the same cap with ``mallopt`` before the
-threads start; it bounds the arenas (``tests/test_memory.py``), but in the one
-0.5B run measured that way the peak RSS stayed at 348 MB over, so the
-environment variable is the primary means.
+threads start: that bounds the arenas too (``tests/test_memory.py``), but
+lowered the peak RSS less, so the environment variable is the primary means.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ class Publisher:
         self._queue: "queue.SimpleQueue[Optional[Event]]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mlxq-publisher", daemon=True)
         self._stopped = threading.Event()
-        self.published = 0
 
     def start(self) -> "Publisher":
         self._thread.start()
@@ -70,7 +69,6 @@ class Publisher:
         while True:
             try:
                 self.store.emit(batch)
-                self.published += len(batch)
                 return
             except StoreError as exc:
                 if time.monotonic() > deadline:

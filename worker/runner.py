@@ -75,7 +75,6 @@ class Runner:
         self._running: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._cancel_seen: dict[str, tuple[float, bool]] = {}  # job -> (checked at, cancelling)
-        self.keeper = None  # the LeaseKeeper, set by worker.service
         engine.on_step = self.on_step
 
     def running(self) -> list[str]:

@@ -23,7 +23,7 @@ from .publisher import Publisher
 from .runner import Runner, set_runner
 from .tasks import enqueue
 
-__all__ = ["backlog_for", "build_runner", "serve", "running_worker"]
+__all__ = ["backlog_for", "serve", "running_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def backlog_for(concurrency: int, backlog: Optional[int] = None) -> int:
     return max(2, concurrency // 4) if backlog is None else backlog
 
 
-def build_runner(
+@contextmanager
+def _runner(
     redis_url: str,
     model: str,
     concurrency: int,
@@ -55,7 +56,8 @@ def build_runner(
     time_limit: float = DEFAULT_TIME_LIMIT,
     adapters_dir: Optional[str] = None,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-) -> Runner:
+) -> Iterator[Runner]:
+    """The model loaded and the engine, publisher and lease keeper running; all stopped on the way out."""
     loaded = load_model(model, model_dirs, force_cpu=force_cpu)
     log.info(
         "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
@@ -66,17 +68,16 @@ def build_runner(
     engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir,
                     prefix_cache_mb=prefix_cache_mb)
     runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
-    runner.keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
+    keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
     engine.start()
     set_runner(runner)
-    return runner
-
-
-def stop_runner(runner: Runner) -> None:
-    runner.engine.stop()
-    runner.keeper.stop()
-    runner.publisher.stop()
-    set_runner(None)
+    try:
+        yield runner
+    finally:
+        engine.stop()
+        keeper.stop()
+        runner.publisher.stop()
+        set_runner(None)
 
 
 def serve(
@@ -85,20 +86,17 @@ def serve(
     **options,
 ) -> int:
     """Run a worker in this process until it is told to stop; returns its exit code."""
-    runner = build_runner(redis_url, model, concurrency, **options)
-    if visibility_timeout < runner.engine.time_limit:
-        log.warning("the visibility timeout (%ss) is shorter than the time limit (%ss): Celery will "
-                    "re-deliver long requests (a no-op, but wasted work)", visibility_timeout, runner.engine.time_limit)
-    configure(redis_url, visibility_timeout)
-    app.conf.worker_send_task_events = events
-    worker = app.Worker(
-        pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
-        loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,
-    )
-    try:
+    with _runner(redis_url, model, concurrency, **options) as runner:
+        if visibility_timeout < runner.engine.time_limit:
+            log.warning("the visibility timeout (%ss) is shorter than the time limit (%ss): Celery will re-deliver "
+                        "long requests (a no-op, but wasted work)", visibility_timeout, runner.engine.time_limit)
+        configure(redis_url, visibility_timeout)
+        app.conf.worker_send_task_events = events
+        worker = app.Worker(
+            pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
+            loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,
+        )
         worker.start()
-    finally:
-        stop_runner(runner)
     if runner.engine.error is not None:
         return 70
     return worker.exitcode or 0
@@ -111,9 +109,8 @@ def running_worker(
     """A real worker on a thread of this process (tests, ``mlxq run``)."""
     from celery.contrib.testing.worker import start_worker
 
-    runner = build_runner(redis_url, model, concurrency, **kwargs)
-    configure(redis_url)
-    try:
+    with _runner(redis_url, model, concurrency, **kwargs) as runner:
+        configure(redis_url)
         with start_worker(
             app, pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
             perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING",
@@ -124,5 +121,3 @@ def running_worker(
                 # Stop generating first: running requests go back to the queue at once
                 # instead of Celery's shutdown waiting for them to finish.
                 runner.engine.stop()
-    finally:
-        stop_runner(runner)
