@@ -37,7 +37,7 @@ from helpers import (  # noqa: E402
 
 __all__ = [
     "BenchError", "HelperFailure", "PhaseResult", "WorkerProcess", "TEMPERATURE", "MB", "log", "ensure_model",
-    "model_facts", "PromptCounter", "make_requests", "read_jsonl", "write_jsonl", "load_prompts", "clean_env",
+    "model_facts", "PromptCounter", "make_requests", "make_shared_prefix_requests", "read_jsonl", "write_jsonl", "load_prompts", "clean_env",
     "run_phase", "phase_main", "own_peak_rss_mb", "mapped_blas", "connect_redis", "flush_mlxq_keys",
     "check_environment", "start_worker", "submit", "job_results", "warm_up_requests", "last_line",
 ]
@@ -148,7 +148,10 @@ class PromptCounter:
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
     def __call__(self, content: str) -> int:
-        text = self.template.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+        return self.messages([{"role": "user", "content": content}])
+
+    def messages(self, messages: list[dict[str, str]]) -> int:
+        text = self.template.render(messages=messages, add_generation_prompt=True)
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
@@ -166,6 +169,41 @@ def make_requests(count: int, seed: int, counter: PromptCounter) -> list[dict[st
             "messages": [{"role": "user", "content": " ".join(words)}],
             "max_tokens": rng.randint(*NEW_TOKENS),
             "seed": rng.randint(1, 9_999_999_999),
+        })
+    return requests
+
+
+#: The shared-prefix workload: one system prompt (instructions and few-shot
+#: examples) in front of every request, a short question of its own on each.
+SHARED_PREFIX_TOKENS = 1000
+UNIQUE_TOKENS = 50
+SHARED_NEW_TOKENS = 64
+
+
+def make_shared_prefix_requests(count: int, seed: int, counter: PromptCounter) -> list[dict[str, Any]]:
+    """``count`` greedy chat requests behind one ~1,000-token system prompt, each with a
+    unique ~50-token question and 64 new tokens."""
+    rng = random.Random(seed)
+    system = ["You answer questions about travel, cooking and science. Follow the style of the examples."]
+    example = 0
+    while counter.messages([{"role": "system", "content": " ".join(system)}]) < SHARED_PREFIX_TOKENS:
+        example += 1
+        question = " ".join(rng.choice(WORDS) for _ in range(12))
+        answer = " ".join(rng.choice(WORDS) for _ in range(30))
+        system.append(f"Example {example}. Question: {question}? Answer: {answer}.")
+    system_text = " ".join(system)
+    requests = []
+    for i in range(count):
+        words = [f"Question {i}:", rng.choice(OPENERS)]
+        while counter.messages([{"role": "system", "content": system_text},
+                                {"role": "user", "content": " ".join(words)}]) < (
+                counter.messages([{"role": "system", "content": system_text}]) + UNIQUE_TOKENS):
+            words.append(rng.choice(WORDS))
+        requests.append({
+            "custom_id": f"s{i:04d}",
+            "messages": [{"role": "system", "content": system_text}, {"role": "user", "content": " ".join(words)}],
+            "max_tokens": SHARED_NEW_TOKENS,
+            "temperature": 0,
         })
     return requests
 
@@ -272,9 +310,9 @@ def flush_mlxq_keys(client) -> int:
     return len(keys)
 
 
-def start_worker(redis_url: str, model_dir: Path, width: int, log_path: Path) -> WorkerProcess:
-    """An ``mlxq worker`` of ``width`` rows, ready; stop it with ``with`` (it also stops on errors)."""
-    worker = WorkerProcess(redis_url, model_dir, log_path, concurrency=width, name="the worker")
+def start_worker(redis_url: str, model_dir: Path, width: int, log_path: Path, *args: str) -> WorkerProcess:
+    """An ``mlxq worker`` of ``width`` rows (and options ``args``), ready; stop it with ``with``."""
+    worker = WorkerProcess(redis_url, model_dir, log_path, *args, concurrency=width, name="the worker")
     try:
         return worker.wait_ready(WORKER_READY_TIMEOUT)
     except BaseException:

@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import phase_e2e
+import phase_gemm
 import phase_raw
 import phase_stock
 import phase_torch
 from harness import (
     MB, BenchError, HelperFailure, PhaseResult, PromptCounter, check_environment, connect_redis, ensure_model,
-    make_requests, model_facts, write_jsonl,
+    log, make_requests, make_shared_prefix_requests, model_facts, write_jsonl,
 )
 
 
@@ -56,6 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=_positive, default=64, help="requests per phase (default: 64)")
     parser.add_argument("--width", type=_positive, default=32,
                         help="worker --concurrency and batch_generate completion_batch_size (default: 32)")
+    parser.add_argument("--workload", choices=("standard", "shared-prefix"), default="standard",
+                        help="standard: the phases above; shared-prefix: 64 greedy requests behind one "
+                             "1,000-token system prompt, end to end with the prefix cache on and off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the requests (default: 0)")
     parser.add_argument("--model-seed", type=int, default=0, help="seed of the model's weights (default: 0)")
     parser.add_argument("--stock-requests", type=_positive, default=4,
@@ -96,9 +100,37 @@ def _ratio(a: Optional[PhaseResult], b: Optional[PhaseResult]) -> Optional[float
     return round(a.tok_s / b.tok_s, 3)
 
 
+def model_flops(config: dict[str, Any], prompt_lengths: Sequence[int], new_tokens: Sequence[int]) -> float:
+    """The useful work of generating: 2 x matmul parameters per prompt or generated token, plus
+    attention (QK and AV: 4 x layers x heads x head_dim per key each token sees)."""
+    params = phase_gemm.matmul_params(config)
+    heads = config["num_attention_heads"]
+    width = heads * (config.get("head_dim") or config["hidden_size"] // heads)
+    flops = 0.0
+    for prompt, new in zip(prompt_lengths, new_tokens):
+        n = prompt + new
+        flops += 2 * params * n + 4 * config["num_hidden_layers"] * width * n * (n + 1) / 2
+    return flops
+
+
+def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult) -> dict[str, Any]:
+    """How close end to end came to the machine's matmul rate on the model's shapes."""
+    flops = model_flops(config, e2e.extra["prompt_lengths"], e2e.extra["completion_lengths"])
+    model_gflops = flops / e2e.seconds / 1e9
+    return {
+        "gemm_gflops": round(gemm.extra["gemm_gflops"], 1),
+        "gemm_gflops_at_width": round(gemm.extra["gemm_gflops_at_width"], 1),
+        "model_gflops": round(model_gflops, 1),
+        "roofline_fraction": round(model_gflops / gemm.extra["gemm_gflops"], 3),
+        "mean_rows": e2e.extra.get("mean_rows"),
+        "row_occupancy": round(e2e.extra["mean_rows"] / e2e.extra["width"], 3) if e2e.extra.get("mean_rows") else None,
+    }
+
+
 def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequence[dict[str, Any]],
               e2e: PhaseResult, raw: PhaseResult, stock: Optional[PhaseResult],
-              torch: Optional[PhaseResult] = None) -> dict[str, Any]:
+              torch: Optional[PhaseResult] = None, gemm: Optional[PhaseResult] = None,
+              config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The JSON report."""
     weights_mb = facts["weights_bytes"] / MB
     kv_estimate_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests],
@@ -106,6 +138,7 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
     # The cache the worker held at its largest (rows and positions in blocks);
     # the estimate where its log does not say.
     kv_mb = e2e.extra.get("kv_peak_mb") or kv_estimate_mb
+    prefix_mb = e2e.extra.get("prefix_peak_mb") or 0.0
     peak = e2e.extra["peak_rss_mb"]
     server_s = e2e.extra["server_seconds"]
     return {
@@ -122,7 +155,8 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "weights_mb": round(weights_mb, 1),
         "kv_cache_mb": round(kv_mb, 1),
         "kv_estimate_mb": round(kv_estimate_mb, 1),
-        "rss_over_budget_mb": round(peak - weights_mb - kv_mb, 1) if peak is not None else None,
+        "prefix_cache_mb": prefix_mb,
+        "rss_over_budget_mb": round(peak - weights_mb - kv_mb - prefix_mb, 1) if peak is not None else None,
         "shape": args.shape,
         "width": args.width,
         "blas": {p.name: p.blas for p in (e2e, raw, stock, torch) if p},
@@ -140,6 +174,7 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "max_tokens_total": sum(r["max_tokens"] for r in requests),
         "seed": args.seed,
         "loadavg_1m_at_start": args.loadavg,
+        **(roofline(config, e2e, gemm) if gemm and config else {}),
     }
 
 
@@ -156,8 +191,14 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
                 f"worker-side e2e {_fmt(report['e2e_server_tok_s'])} tok/s (first claim to last result)")
     rows.append(f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} "
                 f"+ KV cache {report['kv_cache_mb']} (estimate {report['kv_estimate_mb']}) "
+                f"+ prefix cache {report['prefix_cache_mb']} "
                 f"+ other {_fmt(report['rss_over_budget_mb'])}; "
                 f"raw phase peak RSS {_fmt(report['raw_peak_rss_mb'])} MB")
+    if "roofline_fraction" in report:
+        rows.append(f"model work {report['model_gflops']} GFLOP/s against the matmul peak {report['gemm_gflops']} "
+                    f"GFLOP/s (512 rows; {report['gemm_gflops_at_width']} at {report['width']} rows): "
+                    f"roofline fraction {report['roofline_fraction']}; mean rows {_fmt(report['mean_rows'])} "
+                    f"of {report['width']}")
     return "\n".join(rows)
 
 
@@ -169,6 +210,53 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def shared_prefix(args: argparse.Namespace, model_dir: Path, facts: dict[str, int]) -> dict[str, Any]:
+    """The shared-prefix workload, end to end with the prefix cache off and on (in that order)."""
+    with tempfile.TemporaryDirectory(prefix="mlxq-bench-") as tmp:
+        workdir = Path(tmp)
+        requests = make_shared_prefix_requests(args.requests, args.seed, PromptCounter(model_dir))
+        requests_file = write_jsonl(workdir / "requests.jsonl", requests)
+        off = phase_e2e.run(args, model_dir, requests_file, workdir, ["--prefix-cache-mb", "0"], name="prefix-off")
+        on = phase_e2e.run(args, model_dir, requests_file, workdir, name="prefix-on")
+    from mlxq.jobs.defaults import DEFAULT_PREFIX_CACHE_MB
+
+    weights_mb = facts["weights_bytes"] / MB
+    peak, kv_mb = on.extra["peak_rss_mb"], on.extra.get("kv_peak_mb") or 0.0
+    report = {
+        "workload": "shared-prefix",
+        "prefix_on_tok_s": round(on.tok_s, 2),
+        "prefix_off_tok_s": round(off.tok_s, 2),
+        "prefix_speedup": round(on.tok_s / off.tok_s, 3) if off.tok_s else None,
+        "cached_tokens": on.extra.get("cached_tokens"),
+        "prompt_tokens": on.extra["prompt_tokens"],
+        "outputs_identical": on.extra["responses"] == off.extra["responses"],
+        "requests": on.requests,
+        "new_tokens": on.tokens,
+        "seconds": {"prefix_off": round(off.seconds, 2), "prefix_on": round(on.seconds, 2)},
+        "peak_rss_mb": _round(peak),
+        "weights_mb": round(weights_mb, 1),
+        "kv_cache_mb": kv_mb,
+        "prefix_cache_mb": on.extra.get("prefix_peak_mb"),
+        "prefix_cache_bound_mb": DEFAULT_PREFIX_CACHE_MB,
+        "rss_over_budget_mb": _round(peak - weights_mb - kv_mb - (on.extra.get("prefix_peak_mb") or 0))
+        if peak is not None else None,
+        "mean_rows": {"prefix_off": off.extra.get("mean_rows"), "prefix_on": on.extra.get("mean_rows")},
+        "shape": args.shape,
+        "width": args.width,
+        "seed": args.seed,
+        "loadavg_1m_at_start": args.loadavg,
+    }
+    print(f"model {args.shape}, width {args.width}, shared-prefix workload ({on.requests} requests, "
+          f"{on.extra['prompt_tokens']} prompt tokens, {on.tokens} generated)\n"
+          f"prefix cache off: {off.tok_s:.2f} tok/s ({off.seconds:.1f} s); on: {on.tok_s:.2f} tok/s "
+          f"({on.seconds:.1f} s): {report['prefix_speedup']}x; {report['cached_tokens']} prompt tokens from the "
+          f"cache; greedy outputs identical: {report['outputs_identical']}\n"
+          f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} + KV cache {kv_mb} "
+          f"+ prefix cache {report['prefix_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    return report
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Every phase on one request set; prints the table, returns the report."""
     args.loadavg = round(os.getloadavg()[0], 2)
@@ -176,15 +264,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     connect_redis(args.redis_url)  # fail before any long work
     model_dir = ensure_model(args.shape, args.model_seed, args.timeout)
     facts = model_facts(model_dir)
+    if args.workload == "shared-prefix":
+        return shared_prefix(args, model_dir, facts)
+    config = json.loads((model_dir / "config.json").read_text())
     with tempfile.TemporaryDirectory(prefix="mlxq-bench-") as tmp:
         workdir = Path(tmp)
         requests = make_requests(args.requests, args.seed, PromptCounter(model_dir))
         requests_file = write_jsonl(workdir / "requests.jsonl", requests)
+        gemm = phase_gemm.run(args, model_dir, requests_file)
         e2e = phase_e2e.run(args, model_dir, requests_file, workdir)
         raw = phase_raw.run(args, model_dir, requests_file)
         stock = None if args.skip_stock else phase_stock.run(args, model_dir, requests_file)
         torch = phase_torch.run(args, model_dir, requests_file) if args.torch else None
-    report = summarize(args, facts, requests, e2e, raw, stock, torch)
+    report = summarize(args, facts, requests, e2e, raw, stock, torch, gemm, config)
     phases = [p for p in (e2e, raw, stock, torch) if p]
     print(f"model {args.shape} ({model_dir}), width {args.width}\n{format_table(phases, report)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -153,9 +153,11 @@ class Engine:
         self.error: Optional[BaseException] = None
         self.tokens_generated = 0
         self.peak_kv_bytes = 0  # the largest the KV caches of all lanes together have been
+        # Decode steps and the rows they decoded, since the engine was last idle.
         self.decode_steps = 0
-        self.decode_rows = 0  # rows decoded, summed over steps
-        self._fed = (0, 0)  # decode_steps and decode_rows when the last request was admitted
+        self.decode_rows = 0
+        self._fed = (0, 0)  # the two when the last request was admitted
+        self._idle = True
         #: One prefix cache for every lane, each under its adapter's name.
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
 
@@ -207,10 +209,11 @@ class Engine:
             self._thread.join(timeout)
 
     @property
-    def occupancy(self) -> float:
-        """Mean rows per decode step up to the last request admitted (the final drain left out)."""
+    def occupancy(self) -> Optional[float]:
+        """Mean rows per decode step since the engine was last idle, up to the last request
+        admitted (the final drain left out)."""
         steps, rows = self._fed
-        return rows / steps if steps else 0.0
+        return rows / steps if steps else None
 
     @property
     def alive(self) -> bool:
@@ -238,8 +241,9 @@ class Engine:
         import mlx.core as mx
 
         log.info("engine stopped: %d tokens generated, %d prompt tokens from the prefix cache, "
-                 "mean rows %.2f of %d, peak MLX memory %.0f MB, peak KV cache %.1f MiB, peak prefix cache %.1f MiB",
-                 self.tokens_generated, self.prefix_cache.hit_tokens, self.occupancy, self.width,
+                 "mean rows %s of %d, peak MLX memory %.0f MB, peak KV cache %.1f MiB, peak prefix cache %.1f MiB",
+                 self.tokens_generated, self.prefix_cache.hit_tokens,
+                 "-" if self.occupancy is None else f"{self.occupancy:.2f}", self.width,
                  mx.get_peak_memory() / 1e6,
                  self.peak_kv_bytes / 2**20, self.prefix_cache.peak_bytes / 2**20)
 
@@ -280,6 +284,7 @@ class Engine:
         lanes[None] = self._new_lane(None)
         while not self._stop.is_set():
             busy = [lane for lane in lanes.values() if lane.active]
+            self._idle = self._idle or not busy
             self._admit(lanes, block=not busy)
             for lane in list(lanes.values()):
                 self._drop_stopped(lane)
@@ -340,6 +345,9 @@ class Engine:
             ],
             max_tokens=[p.max_tokens for p in ps],
         )
+        if self._idle:
+            self.decode_steps = self.decode_rows = 0
+            self._idle = False
         self._fed = (self.decode_steps, self.decode_rows)
         deadline = time.monotonic() + self.time_limit
         for uid, handle in zip(uids, new):
