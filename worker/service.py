@@ -9,6 +9,8 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
+from celery.exceptions import Reject
+
 from mlxq.jobs.defaults import (
     DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
@@ -26,6 +28,21 @@ from .tasks import enqueue
 __all__ = ["backlog_for", "serve", "running_worker"]
 
 log = logging.getLogger(__name__)
+
+
+class _RejectWithoutTraceback(logging.Filter):
+    """Celery logs a rejected task with a traceback. A stopping worker rejects the
+    requests delivered to it so that another worker takes them (``Runner.run``):
+    the warning's one line says so, and a traceback would reach ``mlxq run``'s stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_REJECT_FILTER = _RejectWithoutTraceback()
 
 
 def _die(exc: BaseException) -> None:
@@ -58,6 +75,7 @@ def _runner(
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
 ) -> Iterator[Runner]:
     """The model loaded and the engine, publisher and lease keeper running; all stopped on the way out."""
+    logging.getLogger("celery.app.trace").addFilter(_REJECT_FILTER)  # once: the same filter object
     loaded = load_model(model, model_dirs, force_cpu=force_cpu)
     log.info(
         "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
