@@ -16,7 +16,9 @@ that grows with the batch.
 The batch runs mlx-lm models unchanged: a layer's cache is a
 :class:`SlotKVCache`, which offers what their attention uses (``offset``,
 ``update_and_fetch``, ``make_mask``, ``state``). Sampling is NumPy's
-(:mod:`worker.sampling`), for all rows at once.
+(:mod:`mlxq.worker.sampling`), for all rows at once. New rows copy the keys and values
+of prompt prefixes already computed from the prefix cache (:mod:`mlxq.worker.prefix`)
+and prefill only the rest.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ class SlotBatch:
     def _ensure(self, rows: int, length: int, limits: Sequence[int] = ()) -> None:
         """Room for ``rows`` x ``length``; growth copies the cache, so it is rare.
 
-        Fresh memory is slow to touch (about 1 GB/s here, page faults), so the
+        Fresh memory is slow to touch (page faults: about 1 GB/s on small VMs), so the
         length grows at once to the longest any row may need (its prompt and
         ``max_tokens``; ``limits`` are those of rows about to join) when that
         is at most four times what is needed now, else it doubles.
