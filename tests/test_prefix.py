@@ -144,3 +144,17 @@ def test_rows_that_start_alike_are_not_prefilled_side_by_side(loaded):
     assert cache.hit_tokens == 0
     assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=8) == without
     assert cache.hit_tokens == 6 * 3 * PREFIX_BLOCK
+
+
+def test_rows_with_as_many_cached_blocks_each_get_their_own(loaded):
+    """Prompts whose cached starts differ (same length, other tokens) prefill side by side."""
+    prompts = [_encode(loaded, f"Topic {word}: " + "tell me more about it please " * 9)[: 2 * PREFIX_BLOCK + 3 + i]
+               for i, word in enumerate(["rivers", "bread", "autumn", "queues"])]
+    assert len({tuple(p[:PREFIX_BLOCK]) for p in prompts}) == 4
+    without = _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], None, width=4)
+    cache = PrefixCache(64 * MB)
+    for p in prompts:  # each start cached by a request of its own
+        _run(loaded, [p], [RowSampler(0.0)], cache, width=1)
+    before = cache.hit_tokens
+    assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=4) == without
+    assert cache.hit_tokens - before == 4 * 2 * PREFIX_BLOCK

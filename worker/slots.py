@@ -351,6 +351,9 @@ class SlotBatch:
                 break
             group.append(row)
             computing.add(first)
+        # Rows that reuse the same blocks side by side: one copy of them serves each run.
+        if reused:
+            group.sort(key=lambda r: hits[id(r)][-1].id)
         chosen = {id(r) for r in group}
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         lengths = [len(r.tokens) - 1 for r in group]  # the last token is the first decode input
@@ -364,11 +367,19 @@ class SlotBatch:
         lo, hi = first, first + len(group)
         start = len(reused) * block
         if reused:
-            kv = cache.use(reused, rows=len(group))
-            for layer, c in enumerate(self.caches):
-                c.keys[lo:hi, :, :start] = kv[0, layer]
-                c.values[lo:hi, :, :start] = kv[1, layer]
-            mx.eval([c.state for c in self.caches])
+            # Each row gets its own blocks (rows with as many cached blocks may have other ones).
+            runs: list[tuple[int, int]] = []
+            for i, row in enumerate(group):
+                if runs and hits[id(row)][-1] is hits[id(group[runs[-1][0]])][-1]:
+                    runs[-1] = (runs[-1][0], i + 1)
+                else:
+                    runs.append((i, i + 1))
+            for a, b in runs:
+                kv = cache.use(hits[id(group[a])], rows=b - a)
+                for layer, c in enumerate(self.caches):
+                    c.keys[lo + a:lo + b, :, :start] = kv[0, layer]
+                    c.values[lo + a:lo + b, :, :start] = kv[1, layer]
+                mx.eval([c.state for c in self.caches])
         if longest > start:
             tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
             try:
