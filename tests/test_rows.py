@@ -9,11 +9,25 @@ import pytest
 
 from helpers import WorkerProcess, run_mlxq, wait_until, write_jsonl
 from mlxq.jobs.models import JobStatus
+from mlxq.jobs.store import JobStore
+from redisproc import RedisProc
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_worker_holds_its_backlog_ready_and_keeps_its_rows_full(store, redis_url, tiny_model, tmp_path):
+@pytest.fixture
+def private_redis(tmp_path):
+    """A Redis of this test's own: no other worker (the session's in-process one) takes its requests."""
+    server = RedisProc(tmp_path / "redis").start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+def test_a_worker_holds_its_backlog_ready_and_keeps_its_rows_full(private_redis, tiny_model, tmp_path):
+    redis_url = private_redis
+    store = JobStore.from_url(redis_url)
     rows = [{"prompt": f"story {i % 5 * 6 + 1}", "max_tokens": 60, "temperature": 0} for i in range(16)]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     with WorkerProcess(redis_url, tiny_model, tmp_path / "worker.log", "--backlog", "3", concurrency=2) as worker:
