@@ -8,6 +8,7 @@ import click
 
 from mlxq.client import Job
 from mlxq.jobs.events import Event
+from mlxq.jobs.workers_ai import sse_data
 
 from .common import Settings
 
@@ -38,8 +39,8 @@ class _Human:
 
 
 def _sse(ev: Event) -> None:
-    if ev.delta or ev.tool_calls:
-        data = {"response": ev.delta, **({"tool_calls": ev.tool_calls} if ev.tool_calls else {})}
+    data = sse_data(ev)
+    if data is not None:
         click.echo(f"data: {json.dumps(data, ensure_ascii=False)}\n")
     if ev.done and ev.error:
         click.echo(f"mlxq: request {ev.index} {ev.status}: {ev.error['message']}", err=True)
