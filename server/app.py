@@ -59,7 +59,7 @@ def error_response(path: str, status: int, message: str, kind: Optional[str] = N
     if is_cloudflare(path):
         default = {400: "bad_input", 401: "authentication", 404: "no_route", 405: "method_not_allowed",
                    413: "too_large"}.get(status, "internal")
-        code, body = failure(kind or default, message)
+        _, body = failure(kind or default, message)  # the status is the caller's
         return JSONResponse(body, status_code=status)
     return openai_batch.error(status, message)
 
