@@ -128,3 +128,19 @@ def test_cached_blocks_are_copies_that_later_steps_do_not_change(loaded):
         batch.next()
     batch.close()
     assert mx.array_equal(cache.use(blocks), before).item()
+
+
+def test_rows_that_start_alike_are_not_prefilled_side_by_side(loaded):
+    """Requests arriving together with a shared prefix: one computes it, the others copy it."""
+    shared = _encode(loaded, "Shared instructions for every request in this batch. " * 6)[: 3 * PREFIX_BLOCK + 5]
+    prompts = [shared + _encode(loaded, f" item {i}") for i in range(6)]
+    without = _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], None, width=8)
+    cache = PrefixCache(64 * MB)
+    batch = SlotBatch(loaded.model, width=8, prefill_tokens=4096, prefix_cache=cache)
+    batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    batch.next()  # the first prefill batch: one of them, though all would fit
+    assert len(batch.rows) == 1 and len(batch.waiting) == 5
+    batch.close()
+    assert cache.hit_tokens == 0
+    assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=8) == without
+    assert cache.hit_tokens == 6 * 3 * PREFIX_BLOCK

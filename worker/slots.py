@@ -321,21 +321,34 @@ class SlotBatch:
             return False
         candidates = self.waiting[:free]
         cache = self.prefix_cache
-        hits = {id(r): cache.match(self.namespace, r.tokens, len(r.tokens) - 1) if cache else [] for r in candidates}
-        block = cache.block if cache else 0
+        hits = {id(r): cache.match(self.namespace, r.tokens, len(r.tokens) - 1) if cache is not None else []
+                for r in candidates}
+        block = cache.block if cache is not None else 0
 
         def todo(row: _Row) -> int:
             return len(row.tokens) - 1 - len(hits[id(row)]) * block
 
+        def next_block(row: _Row) -> Optional[tuple]:
+            """The first block this row would compute, if whole: rows that share it wait a batch."""
+            start = len(hits[id(row)]) * block
+            if cache is None or len(row.tokens) - 1 < start + block:
+                return None
+            return tuple(row.tokens[start:start + block])
+
         candidates.sort(key=todo)
         group = [candidates[0]]
         reused = hits[id(group[0])]
+        computing = {next_block(group[0])} - {None}
         for row in candidates[1:]:
             if len(hits[id(row)]) != len(reused):
                 continue
+            first = next_block(row)
+            if first is not None and first in computing:
+                continue  # the next batch finds it in the cache
             if (len(group) + 1) * todo(row) > self.prefill_tokens:
                 break
             group.append(row)
+            computing.add(first)
         chosen = {id(r) for r in group}
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         lengths = [len(r.tokens) - 1 for r in group]  # the last token is the first decode input
