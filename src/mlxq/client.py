@@ -93,13 +93,15 @@ class Client:
 
     def _send(self, job_id: str, indices: Iterable[int], model: str, new: bool = False) -> int:
         """One Celery message per request index to ``model``'s queue; ``new`` for a job's first sending."""
-        from .worker.app import app, broker_url, configure
+        from .worker.app import configure
         from .worker.tasks import enqueue
 
+        # As the CLI always has: (re)configure Celery's app for this Redis before each sending.
+        # (Skipping it when the URL is unchanged made an in-process worker, `mlxq run`'s, take
+        # more deliveries while it stopped: Ctrl-C then logged rejected tasks.)
         with _sending:
-            if app.conf.broker_url != broker_url(self.redis_url):
-                configure(self.redis_url)
-        return enqueue(job_id, indices, model, self.store if new else None)
+            configure(self.redis_url)
+            return enqueue(job_id, indices, model, self.store if new else None)
 
 
 class Job:
