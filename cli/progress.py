@@ -1,4 +1,4 @@
-"""Progress of a job: a rich bar on a terminal, plain lines otherwise."""
+"""Progress of a job: a rich bar on a terminal, plain lines otherwise (both :meth:`mlxq.Job.wait`)."""
 
 from __future__ import annotations
 
@@ -6,61 +6,23 @@ import sys
 import time
 from typing import Optional
 
-import click
-
-from mlxq.jobs.store import JobInfo, JobStore
+from mlxq.client import Job
+from mlxq.jobs.progress import rates, summary
+from mlxq.jobs.store import JobInfo
 
 __all__ = ["watch", "summary"]
 
 
-def _rates(info: JobInfo, now: float) -> tuple[float, float, Optional[float]]:
-    """(elapsed seconds, tokens/s, ETA seconds or None)."""
-    start = info.started_at or info.created_at
-    end = info.finished_at or now
-    elapsed = max(end - start, 1e-9)
-    rate = info.tokens / elapsed if info.started_at else 0.0
-    eta = None
-    if 0 < info.done < info.total and info.started_at:
-        eta = elapsed / info.done * (info.total - info.done)
-    return elapsed, rate, eta
-
-
-def summary(info: JobInfo, now: Optional[float] = None) -> str:
-    """One parseable line: ``job J: running 10/64 done, 1 failed, 2300 tokens, 45.2 tok/s, ...``."""
-    elapsed, rate, eta = _rates(info, now or time.time())
-    text = (
-        f"job {info.job_id}: {info.status.value} {info.done}/{info.total} done, {info.failed} failed, "
-        f"{info.cancelled} cancelled, {info.tokens} tokens, {rate:.1f} tok/s, {elapsed:.0f}s elapsed"
-    )
-    return text + (f", eta {eta:.0f}s" if eta is not None else "")
-
-
-def watch(store: JobStore, job_id: str, plain: Optional[bool] = None, interval: float = 0.5,
-          every: float = 2.0) -> JobInfo:
+def watch(job: Job, plain: Optional[bool] = None, interval: float = 0.5) -> JobInfo:
     """Show the job's progress on stderr until it ends; returns its final state."""
     if plain is None:
         plain = not sys.stderr.isatty()
     if plain:
-        return _plain(store, job_id, interval, every)
-    return _rich(store, job_id, interval)
+        return job.wait(progress=True, interval=interval)
+    return _rich(job, interval)
 
 
-def _plain(store: JobStore, job_id: str, interval: float, every: float) -> JobInfo:
-    last_line, last_time = None, 0.0
-    while True:
-        info = store.info(job_id)
-        line = summary(info)
-        now = time.monotonic()
-        key = (info.status, info.done, info.tokens)
-        if info.status.terminal or (key != last_line and now - last_time >= every):
-            click.echo(line, err=True)
-            last_line, last_time = key, now
-        if info.status.terminal:
-            return info
-        time.sleep(interval)
-
-
-def _rich(store: JobStore, job_id: str, interval: float) -> JobInfo:
+def _rich(job: Job, interval: float) -> JobInfo:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -71,15 +33,14 @@ def _rich(store: JobStore, job_id: str, interval: float) -> JobInfo:
         console=Console(stderr=True), transient=False,
     )
     with progress:
-        info = store.info(job_id)
+        info = job.status()
         task = progress.add_task(info.status.value, total=info.total, failed=0, rate=0.0, eta="-")
-        while True:
-            info = store.info(job_id)
-            _, rate, eta = _rates(info, time.time())
+
+        def show(info: JobInfo) -> None:
+            _, rate, eta = rates(info, time.time())
             progress.update(
                 task, completed=info.done, description=info.status.value, failed=info.failed, rate=rate,
                 eta=f"{eta:.0f}s" if eta is not None else "-",
             )
-            if info.status.terminal:
-                return info
-            time.sleep(interval)
+
+        return job.wait(progress=show, interval=interval)
