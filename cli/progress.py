@@ -25,9 +25,15 @@ def _rates(info: JobInfo, now: float) -> tuple[float, float, Optional[float]]:
     return elapsed, rate, eta
 
 
+def _now(info: JobInfo) -> float:
+    """The time to set against the job's times: the Redis server's, read with them
+    (the job's times are the server's; this machine's clock may differ)."""
+    return info.now if info.now is not None else time.time()
+
+
 def summary(info: JobInfo, now: Optional[float] = None) -> str:
     """One parseable line: ``job J: running 10/64 done, 1 failed, 2300 tokens, 45.2 tok/s, ...``."""
-    elapsed, rate, eta = _rates(info, now or time.time())
+    elapsed, rate, eta = _rates(info, now or _now(info))
     text = (
         f"job {info.job_id}: {info.status.value} {info.done}/{info.total} done, {info.failed} failed, "
         f"{info.cancelled} cancelled, {info.tokens} tokens, {rate:.1f} tok/s, {elapsed:.0f}s elapsed"
@@ -75,7 +81,7 @@ def _rich(store: JobStore, job_id: str, interval: float) -> JobInfo:
         task = progress.add_task(info.status.value, total=info.total, failed=0, rate=0.0, eta="-")
         while True:
             info = store.info(job_id)
-            _, rate, eta = _rates(info, time.time())
+            _, rate, eta = _rates(info, _now(info))
             progress.update(
                 task, completed=info.done, description=info.status.value, failed=info.failed, rate=rate,
                 eta=f"{eta:.0f}s" if eta is not None else "-",

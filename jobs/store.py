@@ -21,7 +21,9 @@ and the keys of every job (they do not expire):
                           not all sent yet, by the time their sender's claim runs out
 
 Every change of state that touches more than one key is one Lua script
-(:mod:`mlxq.jobs.scripts`).
+(:mod:`mlxq.jobs.scripts`). Every time stored here or compared (lease lapses,
+senders' claims, a job's ``created_at``/``started_at``/``finished_at``) is the
+Redis server's clock: processes on other machines may keep other times.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ import functools
 import inspect
 import json
 import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import redis
@@ -134,6 +135,8 @@ class JobInfo:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     tokens: int = 0  # generated so far, over the job's ended requests
+    #: The Redis server's time when this was read: the clock of the times above.
+    now: Optional[float] = field(default=None, compare=False)
 
     @property
     def done(self) -> int:
@@ -182,6 +185,8 @@ class JobStore:
         self._retry = client.register_script(scripts.RETRY)
         self._emit = client.register_script(EMIT_SCRIPT)
         self._claim_unsent = client.register_script(scripts.CLAIM_UNSENT)
+        self._renew = client.register_script(scripts.RENEW)
+        self._due = client.register_script(scripts.DUE)
         self.stream_maxlen = DEFAULT_STREAM_MAXLEN
 
     @classmethod
@@ -209,6 +214,12 @@ class JobStore:
     @_wrap
     def ping(self) -> None:
         self.redis.ping()
+
+    @_wrap
+    def clock(self) -> float:
+        """The Redis server's time (Unix seconds): the one clock mlxq decides by."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
 
     @_wrap
     def add_lines(self, job_id: str, lines: list[Line]) -> list[Optional[str]]:
@@ -252,7 +263,7 @@ class JobStore:
     @_wrap
     def finalize(self, job_id: str, model: str, total: int, valid: int) -> JobInfo:
         """Make a fully stored job visible and queued, in one step."""
-        now = time.time()
+        now = self.clock()
         keys = self.keys(job_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
@@ -282,7 +293,7 @@ class JobStore:
     @_wrap
     def sending(self, job_id: str, grace: float = SEND_GRACE) -> None:
         """Renew this sender's claim on the job's sending."""
-        self.redis.zadd(UNSENT, {job_id: time.time() + grace}, xx=True)
+        self._renew(keys=[UNSENT], args=[grace, job_id])
 
     @_wrap
     def sent(self, job_id: str) -> None:
@@ -297,8 +308,7 @@ class JobStore:
     @_wrap
     def claim_unsent(self, grace: float = SEND_GRACE, limit: int = 10) -> list[str]:
         """Jobs whose sender's claim ran out, now claimed by the caller for ``grace`` seconds."""
-        now = time.time()
-        ids = self._claim_unsent(keys=[UNSENT], args=[repr(now), repr(now + grace), limit])
+        ids = self._claim_unsent(keys=[UNSENT], args=[grace, limit])
         return [i.decode() for i in ids]
 
     @_wrap
@@ -314,7 +324,7 @@ class JobStore:
         """Claim request ``index`` for this worker under a lease of ``lease`` seconds."""
         outcome = self._start(
             keys=self.keys(job_id),
-            args=[index, repr(time.time()), lease, max_attempts, self.member(job_id, index)],
+            args=[index, lease, max_attempts, self.member(job_id, index)],
         )
         return Start(run=outcome in (1, 2), redelivered=outcome == 2, exhausted=outcome == -2)
 
@@ -330,8 +340,7 @@ class JobStore:
     def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
         """Record a request's end once; a second call for it changes nothing."""
         tokens = line.result.usage.completion_tokens if line.result else 0
-        args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()),
-                self.member(job_id, line.index), tokens]
+        args = [line.index, line.status.value, line.model_dump_json(), self.member(job_id, line.index), tokens]
         return self._finish(keys=self.keys(job_id), args=args, client=pipeline) == 1
 
     # -- leases -------------------------------------------------------------------
@@ -341,13 +350,12 @@ class JobStore:
         """Push back the lapse of these leases (those that still exist)."""
         members = list(members)
         if members:
-            until = time.time() + lease
-            self.redis.zadd(LEASES, {m: until for m in members}, xx=True)
+            self._renew(keys=[LEASES], args=[lease, *members])
 
     @_wrap
     def lapsed(self, limit: int = 100) -> list[tuple[str, int]]:
         """(job_id, index) of requests whose lease has lapsed: their worker is gone."""
-        members = self.redis.zrangebyscore(LEASES, "-inf", repr(time.time()), start=0, num=limit)
+        members = self._due(keys=[LEASES], args=[limit])
         out = []
         for m in members:
             job_id, _, index = m.decode().rpartition(":")
@@ -360,7 +368,7 @@ class JobStore:
         holds) back in the queue; True if it must be sent again."""
         outcome = self._requeue(
             keys=self.keys(job_id),
-            args=[index, repr(time.time()), self.member(job_id, index), "1" if release else "0"],
+            args=[index, self.member(job_id, index), "1" if release else "0"],
         )
         return outcome == 1
 
@@ -410,7 +418,10 @@ class JobStore:
 
     @_wrap
     def info(self, job_id: str) -> JobInfo:
-        h = self.redis.hgetall(self.keys(job_id).job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys(job_id).job)
+        pipe.time()
+        h, (seconds, micros) = pipe.execute()
         if not h or b"status" not in h:
             raise JobNotFound(job_id)
         d = {k.decode(): v.decode() for k, v in h.items()}
@@ -425,11 +436,12 @@ class JobStore:
             cancelled=num("cancelled"), tokens=num("tokens"),
             started_at=float(d["started_at"]) if "started_at" in d else None,
             finished_at=float(d["finished_at"]) if "finished_at" in d else None,
+            now=seconds + micros / 1e6,
         )
 
     @_wrap
     def cancel(self, job_id: str) -> JobStatus:
-        status = self._cancel(keys=self.keys(job_id), args=[repr(time.time())])
+        status = self._cancel(keys=self.keys(job_id))
         if status is None:
             raise JobNotFound(job_id)
         return JobStatus(status.decode())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Iterable
 
 from mlxq.jobs.errors import JobNotFound, StoreError
@@ -44,7 +45,11 @@ class LeaseKeeper:
         self.model = model
         self.send_grace = send_grace
         self._redis_was_down = False
-        self.interval = max(0.2, min(lease / 4, 15.0))
+        #: Leases are renewed every quarter of the lease; the keeper looks for lapsed
+        #: leases and unsent jobs more often, so a lapse is seen soon after it happens.
+        self.renew_every = max(0.2, min(lease / 4, 15.0))
+        self.interval = min(self.renew_every, 1.0)
+        self._renewed_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlxq-leases", daemon=True)
 
@@ -108,7 +113,15 @@ class LeaseKeeper:
         return count
 
     def tick(self) -> None:
-        self.store.renew(self.running(), self.lease)
+        """Renew this worker's leases when due; re-queue the requests whose lease lapsed.
+
+        Whether a lease lapsed is decided by the Redis server's clock (see
+        :mod:`mlxq.jobs.scripts`), so a worker whose own clock is off never
+        takes a live request for a dead one.
+        """
+        if time.monotonic() - self._renewed_at >= self.renew_every:
+            self.store.renew(self.running(), self.lease)
+            self._renewed_at = time.monotonic()
         for job_id, index in self.store.lapsed():
             if self.store.requeue(job_id, index):
                 model = self.store.model_of(job_id)
