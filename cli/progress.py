@@ -10,6 +10,8 @@ import click
 
 from mlxq.jobs.store import JobInfo, JobStore
 
+from .common import WorkerCheck
+
 __all__ = ["watch", "summary"]
 
 
@@ -43,7 +45,10 @@ def summary(info: JobInfo, now: Optional[float] = None) -> str:
 
 def watch(store: JobStore, job_id: str, plain: Optional[bool] = None, interval: float = 0.5,
           every: float = 2.0) -> JobInfo:
-    """Show the job's progress on stderr until it ends; returns its final state."""
+    """Show the job's progress on stderr until it ends; returns its final state.
+
+    Says so when no live worker serves the job's model (and when one comes).
+    """
     if plain is None:
         plain = not sys.stderr.isatty()
     if plain:
@@ -53,8 +58,10 @@ def watch(store: JobStore, job_id: str, plain: Optional[bool] = None, interval: 
 
 def _plain(store: JobStore, job_id: str, interval: float, every: float) -> JobInfo:
     last_line, last_time = None, 0.0
+    check = WorkerCheck(store, lambda text: click.echo(f"mlxq: {text}", err=True))
     while True:
         info = store.info(job_id)
+        check(info)
         line = summary(info)
         now = time.monotonic()
         key = (info.status, info.done, info.tokens)
@@ -79,8 +86,11 @@ def _rich(store: JobStore, job_id: str, interval: float) -> JobInfo:
     with progress:
         info = store.info(job_id)
         task = progress.add_task(info.status.value, total=info.total, failed=0, rate=0.0, eta="-")
+        check = WorkerCheck(store, lambda text: progress.console.print(f"mlxq: {text}", markup=False,
+                                                                       highlight=False))
         while True:
             info = store.info(job_id)
+            check(info)
             _, rate, eta = _rates(info, _now(info))
             progress.update(
                 task, completed=info.done, description=info.status.value, failed=info.failed, rate=rate,

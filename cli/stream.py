@@ -9,7 +9,7 @@ import click
 from mlxq.jobs.events import Event
 from mlxq.jobs.store import JobStore
 
-from .common import Settings
+from .common import Settings, WorkerCheck
 
 __all__ = ["stream"]
 
@@ -51,6 +51,7 @@ def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
     """Print events until the job (or request ``index``) ends; True if it ended well."""
     last = "0-0"
     ok = True
+    check = WorkerCheck(store, lambda text: click.echo(f"mlxq: {text}", err=True))
 
     def drain(block_ms: int):
         nonlocal last, ok
@@ -68,10 +69,12 @@ def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
     while True:
         if drain(1000):
             return ok
+        info = store.info(job)
+        check(info)
         if index is not None:
             ended = store.request_states(job, [index])[0] in _TERMINAL
         else:
-            ended = store.info(job).status.terminal
+            ended = info.status.terminal
         if ended:
             # The end is stored before its event is sent: give the last events a moment.
             while store.read_events(job, last, block_ms=300):

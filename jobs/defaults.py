@@ -56,3 +56,6 @@ DEFAULT_TIME_LIMIT = 3600.0
 #: prefixes already computed, reused by requests that start the same way.
 DEFAULT_PREFIX_CACHE_MB = 1024
 
+#: Seconds between a worker's heartbeats (its entry in ``mlxq workers``); an
+#: entry not renewed for three of them has expired: that worker is gone.
+DEFAULT_HEARTBEAT = 5.0

@@ -44,6 +44,7 @@ from .ingest import Line, repeated_id, request_from_json
 from . import scripts
 from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
 from .urls import mask_url
+from .workers import WorkerRegistry
 
 __all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "connect"]
 
@@ -192,6 +193,11 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, retention: int = DEFAULT_RETENTION) -> "JobStore":
         return cls(connect(url), retention, where=mask_url(url))
+
+    @functools.cached_property
+    def workers(self) -> WorkerRegistry:
+        """The live workers' heartbeat entries (:mod:`mlxq.jobs.workers`)."""
+        return WorkerRegistry(self.redis, self.where)
 
     # -- keys ---------------------------------------------------------------
 

@@ -391,6 +391,10 @@ def test_clocks_minutes_apart_run_every_request_once(cluster, lease):
     """
     on_time = cluster.worker("on-time", "--lease", f"{lease:g}")
     ahead = cluster.worker("ahead", "--lease", f"{lease:g}", env=skewed_clock("+10m"))
+    # The clock is off indeed: the worker's heartbeat says by how much.
+    out = cluster.cli("workers", "--json")
+    skews = {w["pid"]: w["clock_skew"] for w in json.loads(out.stdout)}
+    assert abs(skews[on_time.pid]) < 5 and 595 < skews[ahead.pid] < 605, skews
     total = 24
     job = cluster.submit(long_rows(total, 400), env=skewed_clock("-10m"))
     cluster.wait_done(job, timeout=180)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"cancel", "jobs", "models", "render", "results", "retry", "run", "status", "stream", "submit", "worker"}
+COMMANDS = {"cancel", "jobs", "models", "render", "results", "retry", "run", "status", "stream", "submit", "worker",
+            "workers"}
 
 # Imports every module of the installed package (MLX and Celery included), then
 # reports where mlxq came from and whether any old top-level name got imported.
