@@ -128,3 +128,16 @@ def test_cached_blocks_are_copies_that_later_steps_do_not_change(loaded):
         batch.next()
     batch.close()
     assert mx.array_equal(cache.use(blocks), before).item()
+
+
+def test_rows_with_as_many_cached_blocks_but_other_ones_keep_their_own(loaded):
+    """Prompts whose cached prefixes are as long as each other's but differ, prefilled in one batch."""
+    prompts = [_encode(loaded, f"Topic {i}. " + "the words go on " * 6) for i in range(3)]
+    assert all(len(p) > PREFIX_BLOCK + 1 for p in prompts)
+    assert len({tuple(p[:PREFIX_BLOCK]) for p in prompts}) == 3
+    greedy = lambda: [RowSampler(0.0) for _ in prompts]  # noqa: E731
+    without = _run(loaded, prompts, greedy(), None)
+    cache = PrefixCache(64 * MB)
+    assert _run(loaded, prompts, greedy(), cache, width=1) == without  # one at a time: each stores its blocks
+    assert _run(loaded, prompts, greedy(), cache) == without  # together, each from its own blocks
+    assert cache.hit_tokens >= 3 * PREFIX_BLOCK

@@ -307,7 +307,7 @@ class SlotBatch:
         A sequence whose prompt starts with blocks in the prefix cache gets
         their keys and values copied into its row and prefills only the rest.
         The batch is taken from the first sequences that fit in the free rows:
-        those with the same cached length, least left to prefill first and up
+        those with the same cached blocks, least left to prefill first and up
         to ``prefill_tokens`` tokens, so that prompts of similar length share
         it and padding stays small. Prompts are right-padded: each row's tokens
         sit at positions ``0..n-1`` of its own row, as decoding wants them, and
@@ -331,7 +331,7 @@ class SlotBatch:
         group = [candidates[0]]
         reused = hits[id(group[0])]
         for row in candidates[1:]:
-            if len(hits[id(row)]) != len(reused):
+            if hits[id(row)] != reused:  # its rows all get these blocks' keys and values
                 continue
             if (len(group) + 1) * todo(row) > self.prefill_tokens:
                 break
