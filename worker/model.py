@@ -2,7 +2,9 @@
 
 On the CPU the model computes in float32: quantized layers are dequantized and
 half-precision weights upcast at load, because MLX's CPU matmul is fast only in
-float32. On Apple Silicon (Metal) the model keeps its own dtype and quantization.
+float32. On Apple Silicon (Metal) the model keeps its own dtype and quantization;
+``keep_dtype`` does the same on the CPU (slow, but exact: how the tests run the
+Metal configuration on machines without Metal).
 """
 
 from __future__ import annotations
@@ -96,8 +98,14 @@ def describe_dtype(model) -> str:
     return f"{'/'.join(str(b) for b in bits)}-bit, {floats}"
 
 
-def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False) -> LoadedModel:
-    """Load ``name`` with mlx-lm; raises :class:`ModelNotFound` in plain words."""
+def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False,
+               keep_dtype: bool = False) -> LoadedModel:
+    """Load ``name`` with mlx-lm; raises :class:`ModelNotFound` in plain words.
+
+    ``force_cpu`` runs it on the CPU even where Metal is available; ``keep_dtype``
+    keeps its own dtype and quantization there too, as on Metal (no upcast, no
+    dequantization, MLX's own ``exp``).
+    """
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load
 
@@ -113,7 +121,7 @@ def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu:
             f"model {name}: cannot load {where} ({type(exc).__name__}: {exc}); "
             "check the name, or download it where there is network access"
         ) from exc
-    if not metal:
+    if not metal and not keep_dtype:
         from .fastmath import patch_model
 
         model = dequantize_model(model)

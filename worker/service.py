@@ -52,6 +52,7 @@ def _runner(
     concurrency: int,
     model_dirs: Optional[Sequence[str]] = None,
     force_cpu: bool = False,
+    keep_dtype: bool = False,
     on_fatal=_die,
     lease: float = DEFAULT_LEASE,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
@@ -71,7 +72,7 @@ def _runner(
     beat = Heartbeat(store.workers, name or worker_name(f"-{secrets.token_hex(2)}"),
                      {"model": model, "concurrency": concurrency}, interval=heartbeat).start()
     try:
-        loaded = load_model(model, model_dirs, force_cpu=force_cpu)
+        loaded = load_model(model, model_dirs, force_cpu=force_cpu, keep_dtype=keep_dtype)
         log.info(
             "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
             loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency, prefix_cache_mb,
