@@ -11,7 +11,7 @@ import click
 import redis
 from click.core import ParameterSource
 
-from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
+from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD
 from mlxq.jobs.models import model_name
 from mlxq.jobs.store import JobStore
 from mlxq.jobs.urls import mask_url
@@ -86,7 +86,7 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     prepare_worker_process()
     from mlxq.worker.service import running_worker
-    from mlxq.worker.tasks import enqueue
+    from mlxq.worker.tasks import send_window
 
     with _choose_redis(ctx.find_object(Settings), embedded, data_dir) as url:
         store = JobStore.from_url(url)
@@ -99,11 +99,11 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
             model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
             if resume:
-                if store.unsent(resume):
-                    # Interrupted while sending: send its queued requests now rather
+                if store.unsent(resume, model):
+                    # Interrupted while sending: send its next requests now rather
                     # than after a worker's wait for a dead sender (duplicates are no-ops).
-                    store.sending(resume)
-                    enqueue(resume, store.queued_indices(resume), model, store)
+                    store.sending(resume, model=model)
+                    send_window(store, resume, model, DEFAULT_QUEUE_AHEAD)
             else:
                 stored = queue_file(store, url, file, model)
                 info = stored.info

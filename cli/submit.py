@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from mlxq.jobs.defaults import (
-    DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
+    DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD,
+    DEFAULT_RETENTION,
 )
 from mlxq.jobs.files import Limits, Stored, store_file
 from mlxq.jobs.store import JobStore
@@ -16,14 +17,16 @@ from .progress import watch
 __all__ = ["submit", "queue_file"]
 
 
-def queue_file(store: JobStore, redis_url: str, path: str, model: str, limits: Limits = Limits()) -> Stored:
-    """Store the file at ``path`` as a job and send its requests to ``model``'s queue (``submit``, ``run``)."""
+def queue_file(store: JobStore, redis_url: str, path: str, model: str, limits: Limits = Limits(),
+               ahead: int = DEFAULT_QUEUE_AHEAD) -> Stored:
+    """Store the file at ``path`` as a job and send its first ``ahead`` requests to ``model``'s
+    queue (``submit``, ``run``); the model's workers send the rest as their queue runs short."""
     from mlxq.worker.app import configure
-    from mlxq.worker.tasks import enqueue
+    from mlxq.worker.tasks import send_window
 
     stored = store_file(store, path, model, limits)
     configure(redis_url)
-    enqueue(stored.info.job_id, store.queued_indices(stored.info.job_id), model, store)
+    send_window(store, stored.info.job_id, model, ahead)
     return stored
 
 
@@ -41,9 +44,12 @@ def queue_file(store: JobStore, redis_url: str, path: str, model: str, limits: L
               show_default=True, envvar="MLXQ_MAX_TOTAL_TOKENS", help="Most tokens (sum of max_tokens) in one job.")
 @click.option("--retention", type=click.IntRange(min=60), default=DEFAULT_RETENTION, show_default=True,
               envvar="MLXQ_RETENTION", help="Seconds the job and its results are kept after it ends.")
+@click.option("--queue-ahead", type=click.IntRange(min=1), default=DEFAULT_QUEUE_AHEAD, show_default=True,
+              envvar="MLXQ_QUEUE_AHEAD",
+              help="Requests sent to the queue now; the model's workers send the rest as they need them.")
 @pass_settings
 def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens,
-           retention):
+           retention, queue_ahead):
     """Validate FILE and queue it.
 
     FILE is JSONL, one request per line: Workers AI requests ({"prompt": ...}
@@ -59,7 +65,7 @@ def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_r
     store = settings.store()
     store.retention = retention
     stored = queue_file(store, settings.redis_url, file, model,
-                        Limits(max_line_bytes, max_requests, max_total_tokens))
+                        Limits(max_line_bytes, max_requests, max_total_tokens), ahead=queue_ahead)
     report_invalid(stored)
     job = {"job_id": stored.info.job_id, "total": stored.info.total, "invalid": stored.invalid}
     if as_json and not wait:

@@ -10,7 +10,7 @@ import click
 
 from mlxq.jobs.defaults import (
     DEFAULT_CONCURRENCY, DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL,
-    DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from mlxq.jobs.urls import mask_url
 
@@ -52,9 +52,12 @@ __all__ = ["worker"]
 @click.option("--heartbeat", type=click.FloatRange(min=0.1), default=DEFAULT_HEARTBEAT, show_default=True,
               envvar="MLXQ_HEARTBEAT",
               help="Seconds between this worker's heartbeats (mlxq workers); silent for three, it is gone.")
+@click.option("--queue-ahead", type=click.IntRange(min=1), default=DEFAULT_QUEUE_AHEAD, show_default=True,
+              envvar="MLXQ_QUEUE_AHEAD",
+              help="Messages kept in the model's queue: below half of it, this worker sends its jobs' next ones.")
 @pass_settings
 def worker(settings: Settings, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
-           visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events, heartbeat):
+           visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events, heartbeat, queue_ahead):
     """Load MODEL once and generate the requests queued for it.
 
     Start as many workers, on as many machines, as you like against one Redis;
@@ -77,7 +80,7 @@ def worker(settings: Settings, model, concurrency, model_dirs, loglevel, no_blas
         settings.redis_url, model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
         lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
-        backlog=backlog, prefix_cache_mb=prefix_cache_mb, heartbeat=heartbeat,
+        backlog=backlog, prefix_cache_mb=prefix_cache_mb, heartbeat=heartbeat, queue_ahead=queue_ahead,
     )
     # Everything is stored and every thread of ours has stopped. Leave without
     # the interpreter's teardown: native threads (MLX, OpenBLAS) destroyed

@@ -59,3 +59,9 @@ DEFAULT_PREFIX_CACHE_MB = 1024
 #: Seconds between a worker's heartbeats (its entry in ``mlxq workers``); an
 #: entry not renewed for three of them has expired: that worker is gone.
 DEFAULT_HEARTBEAT = 5.0
+
+#: Celery messages kept in a model's queue ahead of its workers. A job's
+#: messages are sent a window at a time: its sender sends this many, and the
+#: model's workers send more as the queue runs below half of it, so the
+#: queue (and Redis's memory) holds a window, not the whole job.
+DEFAULT_QUEUE_AHEAD = 200

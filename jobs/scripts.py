@@ -169,18 +169,21 @@ end
 return out
 """
 
-# Claims the jobs whose sender's claim has run out (score <= now): pushes their
-# deadline `grace` seconds past now, so that one caller at a time sends for each.
-# KEYS: the unsent set. ARGV: grace (seconds), limit (most jobs claimed).
+# Claims the jobs nobody sends for: those whose sender's claim ran out (score
+# <= now) and those released to workers (score 0): pushes their deadline
+# `grace` seconds past now, so that one caller at a time sends for each.
+# Returns id, old score, id, old score...: an old score above 0 was a sender's
+# claim that ran out (it died). KEYS: the model's unsent set. ARGV: grace
+# (seconds), limit (most jobs claimed).
 CLAIM_UNSENT = _NOW + """
 local unsent = KEYS[1]
 local grace, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = server_now()
-local ids = redis.call('ZRANGEBYSCORE', unsent, '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
-  redis.call('ZADD', unsent, now + grace, id)
+local found = redis.call('ZRANGEBYSCORE', unsent, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #found, 2 do
+  redis.call('ZADD', unsent, now + grace, found[i])
 end
-return ids
+return found
 """
 
 # Pushes the deadline of members that are still in a sorted set (leases, claims)

@@ -31,7 +31,7 @@ import pytest
 from helpers import MLXQ, ROOT, WorkerProcess, clean_env, results_of, run_mlxq, wait_until, write_jsonl
 from mlxq.jobs.defaults import DEFAULT_LEASE
 from mlxq.jobs.models import JobStatus
-from mlxq.jobs.store import JobInfo, JobStore
+from mlxq.jobs.store import JobInfo, JobStore, unsent_key
 from redisproc import RedisProc
 
 LONG_PROMPTS = ["story 5", "story 17", "story 31", "story 1", "story 23"]
@@ -193,11 +193,12 @@ def test_redis_killed_and_restarted_mid_job(cluster):
 
 
 def test_submit_killed_while_sending_loses_no_request(cluster):
-    """``mlxq submit`` killed after storing its job, before it sent every message.
+    """``mlxq submit`` killed after storing its job, before it sent its first window.
 
-    The job stays in the unsent set; once its sender's claim has run out, a
-    worker's lease keeper sends the queued requests. Every request runs once:
-    those whose first message did go out are not run twice.
+    The job stays in its model's unsent set; once its sender's claim has run
+    out, a worker's lease keeper sends the queued requests, a window at a
+    time. Every request runs once: those whose first message did go out are
+    not run twice.
     """
     total = 600
     path = write_jsonl(cluster.tmp / "many.jsonl",
@@ -215,15 +216,41 @@ def test_submit_killed_while_sending_loses_no_request(cluster):
         proc.wait(10)
     sent = r.llen(f"mlxq:{cluster.model}")
     assert sent < total, f"submit sent all {sent} messages before it was killed"
-    assert r.zscore("mlxq:unsent", job) is not None
+    unsent = unsent_key(str(cluster.model))
+    assert r.zscore(unsent, job) is not None
 
-    r.zadd("mlxq:unsent", {job: 0})  # as if its sender's claim (60 s) had run out
+    r.zadd(unsent, {job: 1})  # as if its sender's claim (60 s) had run out
     w = cluster.worker("W")
     cluster.wait_done(job, timeout=240)
     assert_all_completed(cluster, job, total)
     assert cluster.attempts(job) == {i: 1 for i in range(total)}
     assert re.search(rf"job {job}: its sender stopped before sending every request; sent its \d+ queued", w.text())
-    assert r.zcard("mlxq:unsent") == 0
+    assert r.zcard(unsent) == 0
+
+
+def test_a_job_larger_than_the_queue_window_is_sent_as_the_workers_need_it(cluster):
+    """The queue holds a window of messages, not the job: workers send the next ones."""
+    w = cluster.worker("W", "--queue-ahead", "4")
+    total = 30
+    path = write_jsonl(cluster.tmp / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 2, "temperature": 0}
+                                                  for i in range(total)])
+    out = cluster.cli("submit", str(path), "--model", str(cluster.model), "--json", "--queue-ahead", "4")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)["job_id"]
+    r, queue = cluster.store.redis, f"mlxq:{cluster.model}"
+    longest = 0
+
+    def ended():
+        nonlocal longest
+        longest = max(longest, r.llen(queue))
+        return cluster.info(job).status is JobStatus.COMPLETED
+
+    wait_until("the job to end", ended, 120, 0.02)
+    assert_all_completed(cluster, job, total)
+    assert cluster.attempts(job) == {i: 1 for i in range(total)}
+    assert longest <= 4, longest
+    assert r.zcard(unsent_key(str(cluster.model))) == 0
+    assert "its sender stopped" not in w.text()
 
 
 # -- 3 ---------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 from mlxq.jobs.defaults import (
-    DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT,
-    DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD,
+    DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from mlxq.jobs.store import JobStore
 
@@ -23,7 +23,7 @@ from .leases import LeaseKeeper
 from .model import load_model
 from .publisher import Publisher
 from .runner import Runner, set_runner
-from .tasks import enqueue
+from .tasks import enqueue, send_window
 
 __all__ = ["backlog_for", "serve", "running_worker"]
 
@@ -61,6 +61,7 @@ def _runner(
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     name: Optional[str] = None,
     heartbeat: float = DEFAULT_HEARTBEAT,
+    queue_ahead: int = DEFAULT_QUEUE_AHEAD,
 ) -> Iterator[Runner]:
     """The model loaded and the engine, publisher and lease keeper running; all stopped on the way out.
 
@@ -80,7 +81,8 @@ def _runner(
         engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit,
                         adapters_dir=adapters_dir, prefix_cache_mb=prefix_cache_mb)
         runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
-        keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
+        keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model, queue=queue_for(model),
+                             send_window=send_window, ahead=queue_ahead).start()
         engine.start()
         set_runner(runner)
         beat.update(state="ready", device=loaded.device, dtype=loaded.dtype, blas=loaded_blas(),
