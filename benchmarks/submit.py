@@ -4,8 +4,8 @@
 
 Writes N short chat requests (about 440 bytes a line, as a batch file of short
 questions is), then, in this process, times reading and validating the file
-alone (``mlxq.jobs.files.read_file``) and queueing it (``queue_file``, what
-``mlxq submit`` runs: validate, store, send), and measures the Redis memory
+alone (``mlxq.jobs.files.read_file``) and queueing it (``mlxq.Client.submit``,
+what ``mlxq submit`` runs: validate, store, send), and measures the Redis memory
 the queued job holds (``used_memory`` after, less before, with no worker
 taking anything). Then it runs ``mlxq submit`` itself as a subprocess, on the
 file and on a file of 1,000 lines, for its wall time and peak RSS (bounded by
@@ -122,9 +122,8 @@ def _cli_submit(url: str, path: Path, model: str) -> tuple[float, float]:
 
 
 def measure(url: str, lines: int, tmp: Path, rounds: int = 3) -> dict:
-    from mlxq.cli.submit import queue_file
+    from mlxq.client import Client
     from mlxq.jobs.files import Tally, read_file
-    from mlxq.jobs.store import JobStore
 
     client = connect_redis(url)
     model = "bench/no-worker-serves-this"
@@ -140,20 +139,20 @@ def measure(url: str, lines: int, tmp: Path, rounds: int = 3) -> dict:
         tally.check()
         return time.perf_counter() - started
 
-    store = JobStore.from_url(url)
+    client_ = Client(url)
     warm = tmp / "warm.jsonl"
     write_file(warm, 10)
-    queue_file(store, url, str(warm), model)  # imports and connections: paid once per process
+    client_.submit(str(warm), model)  # imports and connections: paid once per process
 
     def submit() -> tuple[float, float, int]:
         client.flushdb()
         before = client.info("memory")["used_memory"]
         started = time.perf_counter()
-        stored = queue_file(store, url, str(path), model)
+        job = client_.submit(str(path), model)
         elapsed = time.perf_counter() - started
         after = client.info("memory")["used_memory"]
-        if stored.info.queued != lines:
-            raise BenchError(f"{stored.info.queued} of {lines} requests queued")
+        if job.status().queued != lines:
+            raise BenchError(f"{job.status().queued} of {lines} requests queued")
         return elapsed, (after - before) / lines, client.llen(f"mlxq:{model}")
 
     # Alternated, the median of each: the machine's speed drifts.

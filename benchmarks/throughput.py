@@ -4,9 +4,9 @@ Usage (with the project's venv)::
 
     .venv/bin/python benchmarks/throughput.py [--shape 0.5b|small] [--requests N] [--json]
         [--width W] [--redis-url URL] [--seed S] [--stock-requests K | --skip-stock]
-        [--torch]
+        [--torch] [--workload standard|shared-prefix]
 
-One run measures up to four phases on the same requests (chat prompts of
+One run measures up to six phases on the same requests (chat prompts of
 ~30-200 tokens, 64-128 new tokens each, temperature 0.6, all derived from
 ``--seed``), each in its own module:
 
@@ -17,7 +17,22 @@ One run measures up to four phases on the same requests (chat prompts of
 ``stock`` (``phase_stock.py``; ``--skip-stock`` leaves it out)
     mlx-lm as pip installs it, one request after another;
 ``torch`` (``phase_torch.py``; with ``--torch``)
-    PyTorch with transformers ``generate``, static batches of the same width.
+    PyTorch with transformers ``generate``, static batches of the same width;
+``gemm`` (``phase_gemm.py``)
+    the machine's float32 matmul rate on the model's own shapes at 512 rows
+    (``gemm_gflops``) and at the width: the report sets the useful model work
+    per second end to end (``model_gflops``: 2 x the matmul parameters x
+    prompt and generated tokens, plus attention) against it
+    (``roofline_fraction``);
+``step`` (``phase_step.py``)
+    a decode step of ``--width`` rows timed in parts: matmuls (at the gemm
+    rate), attention, sampling and the rest.
+
+``--workload shared-prefix`` runs instead 64 greedy requests behind one
+1,000-token system prompt with few-shot examples (a unique ~50-token
+question each, 64 new tokens) end to end twice, with the prefix cache off and
+then on, and reports both rates, their ratio, the prompt tokens the cache
+served and whether the greedy outputs are identical.
 
 Every phase but e2e runs in a process of its own, so each has its own BLAS
 and peak memory. Tok/s counts generated tokens (the end token included, as
@@ -40,6 +55,7 @@ from typing import Any, Optional, Sequence
 import phase_e2e
 import phase_gemm
 import phase_raw
+import phase_step
 import phase_stock
 import phase_torch
 from harness import (
@@ -113,10 +129,24 @@ def model_flops(config: dict[str, Any], prompt_lengths: Sequence[int], new_token
     return flops
 
 
-def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult) -> dict[str, Any]:
-    """How close end to end came to the machine's matmul rate on the model's shapes."""
+def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult,
+             step: Optional[PhaseResult] = None) -> dict[str, Any]:
+    """How close end to end came to the machine's matmul rate on the model's shapes, and a
+    decode step's parts against the same rate."""
     flops = model_flops(config, e2e.extra["prompt_lengths"], e2e.extra["completion_lengths"])
     model_gflops = flops / e2e.seconds / 1e9
+    parts = {}
+    if step is not None:
+        rows = step.requests
+        matmul_ms = 2 * phase_gemm.matmul_params(config) * rows / (gemm.extra["gemm_gflops_at_width"] * 1e9) * 1000
+        x = step.extra
+        parts = {"decode_step": {
+            "rows": rows, "context": x["decode_context"], "step_ms": round(x["decode_step_ms"], 1),
+            "matmuls_ms": round(matmul_ms, 1), "attention_ms": round(x["decode_attention_ms"], 1),
+            "sampling_ms": round(x["decode_sampling_ms"], 1),
+            "other_ms": round(x["decode_step_ms"] - matmul_ms - x["decode_attention_ms"] - x["decode_sampling_ms"], 1),
+            "step_gflops": round(2 * phase_gemm.matmul_params(config) * rows / x["decode_step_ms"] / 1e6, 1),
+        }}
     return {
         "gemm_gflops": round(gemm.extra["gemm_gflops"], 1),
         "gemm_gflops_at_width": round(gemm.extra["gemm_gflops_at_width"], 1),
@@ -124,13 +154,14 @@ def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult) -> dic
         "roofline_fraction": round(model_gflops / gemm.extra["gemm_gflops"], 3),
         "mean_rows": e2e.extra.get("mean_rows"),
         "row_occupancy": round(e2e.extra["mean_rows"] / e2e.extra["width"], 3) if e2e.extra.get("mean_rows") else None,
+        **parts,
     }
 
 
 def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequence[dict[str, Any]],
               e2e: PhaseResult, raw: PhaseResult, stock: Optional[PhaseResult],
               torch: Optional[PhaseResult] = None, gemm: Optional[PhaseResult] = None,
-              config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              config: Optional[dict[str, Any]] = None, step: Optional[PhaseResult] = None) -> dict[str, Any]:
     """The JSON report."""
     weights_mb = facts["weights_bytes"] / MB
     kv_estimate_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests],
@@ -174,7 +205,7 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "max_tokens_total": sum(r["max_tokens"] for r in requests),
         "seed": args.seed,
         "loadavg_1m_at_start": args.loadavg,
-        **(roofline(config, e2e, gemm) if gemm and config else {}),
+        **(roofline(config, e2e, gemm, step) if gemm and config else {}),
     }
 
 
@@ -199,6 +230,11 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
                     f"GFLOP/s (512 rows; {report['gemm_gflops_at_width']} at {report['width']} rows): "
                     f"roofline fraction {report['roofline_fraction']}; mean rows {_fmt(report['mean_rows'])} "
                     f"of {report['width']}")
+    if "decode_step" in report:
+        d = report["decode_step"]
+        rows.append(f"decode step at {d['rows']} rows, context {d['context']}: {d['step_ms']} ms = matmuls "
+                    f"{d['matmuls_ms']} (at the gemm rate) + attention {d['attention_ms']} + sampling "
+                    f"{d['sampling_ms']} + other {d['other_ms']}; {d['step_gflops']} GFLOP/s")
     return "\n".join(rows)
 
 
@@ -272,11 +308,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         requests = make_requests(args.requests, args.seed, PromptCounter(model_dir))
         requests_file = write_jsonl(workdir / "requests.jsonl", requests)
         gemm = phase_gemm.run(args, model_dir, requests_file)
+        step = phase_step.run(args, model_dir, requests_file)
         e2e = phase_e2e.run(args, model_dir, requests_file, workdir)
         raw = phase_raw.run(args, model_dir, requests_file)
         stock = None if args.skip_stock else phase_stock.run(args, model_dir, requests_file)
         torch = phase_torch.run(args, model_dir, requests_file) if args.torch else None
-    report = summarize(args, facts, requests, e2e, raw, stock, torch, gemm, config)
+    report = summarize(args, facts, requests, e2e, raw, stock, torch, gemm, config, step)
     phases = [p for p in (e2e, raw, stock, torch) if p]
     print(f"model {args.shape} ({model_dir}), width {args.width}\n{format_table(phases, report)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -10,9 +10,9 @@ from typing import Callable, Optional
 
 import click
 
-from mlxq.jobs.defaults import DEFAULT_MODEL
+from mlxq.client import Client, Job
+from mlxq.jobs.defaults import DEFAULT_MODEL, DEFAULT_RETENTION
 from mlxq.jobs.errors import StoreError
-from mlxq.jobs.files import Stored
 from mlxq.jobs.models import model_name
 from mlxq.jobs.store import JobInfo, JobStore
 
@@ -28,17 +28,17 @@ class Settings:
     #: Whether --redis-url or MLXQ_REDIS_URL chose the URL (else it is the default).
     redis_url_given: bool = False
 
-    def store(self) -> JobStore:
-        """The job store at ``redis_url``, answering; else a StoreError that suggests the fix."""
-        store = JobStore.from_url(self.redis_url)
+    def client(self, retention: int = DEFAULT_RETENTION) -> Client:
+        """A client of the Redis at ``redis_url``, answering; else a StoreError that suggests the fix."""
+        client = Client(self.redis_url, retention=retention)
         try:
-            store.ping()
+            client.ping()
         except StoreError as exc:
             raise StoreError(
                 f"{exc} (is Redis running there? Set --redis-url or MLXQ_REDIS_URL, "
                 "or use `mlxq run`, which starts its own)"
             ) from exc
-        return store
+        return client
 
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -56,12 +56,12 @@ def describe(info: JobInfo) -> str:
     )
 
 
-def report_invalid(stored: Stored) -> None:
+def report_invalid(job: Job) -> None:
     """A warning on stderr for each invalid line shown, and how many more there are."""
-    for message in stored.errors:
+    for message in job.errors:
         click.echo(f"warning: {message}", err=True)
-    if stored.invalid > len(stored.errors):
-        click.echo(f"warning: ... and {stored.invalid - len(stored.errors)} more invalid lines (see mlxq results)",
+    if job.invalid > len(job.errors):
+        click.echo(f"warning: ... and {job.invalid - len(job.errors)} more invalid lines (see mlxq results)",
                    err=True)
 
 

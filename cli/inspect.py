@@ -25,9 +25,9 @@ def status(settings: Settings, job, as_json, watch):
       mlxq status 3f2a... --json
       mlxq status 3f2a... --watch
     """
-    store = settings.store()
-    info = progress.watch(store, job, plain=True if as_json else None) if watch else store.info(job)
-    serving = len(store.workers.live(info.model))
+    handle = settings.client().job(job)
+    info = progress.watch(handle, plain=True if as_json else None) if watch else handle.status()
+    serving = len(handle.client.workers(info.model))
     if as_json:
         echo_json({**info.as_dict(), "workers": serving})
         return
@@ -50,7 +50,7 @@ def cancel(settings: Settings, job):
     Example:
       mlxq cancel 3f2a...
     """
-    click.echo(f"job {job}: {settings.store().cancel(job).value}")
+    click.echo(f"job {job}: {settings.client().job(job).cancel().value}")
 
 
 @click.command()
@@ -63,14 +63,7 @@ def retry(settings: Settings, job):
     Example:
       mlxq retry 3f2a...
     """
-    from mlxq.worker.app import configure
-    from mlxq.worker.tasks import enqueue
-
-    store = settings.store()
-    indices = store.retry(job)
-    if indices:
-        configure(settings.redis_url)
-        enqueue(job, indices, store.info(job).model)
+    indices = settings.client().job(job).retry()
     click.echo(f"job {job}: {len(indices)} failed requests queued again")
 
 
@@ -85,7 +78,7 @@ def list_jobs(settings: Settings, limit, as_json):
     Example:
       mlxq jobs --limit 10
     """
-    for info in settings.store().list_jobs(limit):
+    for info in settings.client().jobs(limit):
         if as_json:
             echo_json(info.as_dict())
             continue

@@ -32,6 +32,7 @@ COMMANDS = {
     "jobs": "inspect:list_jobs",
     "render": "render:render",
     "models": "models:models",
+    "serve": "serve:serve",
     "workers": "workers:workers",
 }
 

@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import TextIO
-
 import click
-
-from mlxq.jobs.openai import to_openai
-from mlxq.jobs.store import JobStore
 
 from .common import Settings, pass_settings
 
-__all__ = ["results", "write_results"]
-
-
-def write_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "mlxq") -> int:
-    """Write one line per request, in input order; returns the count."""
-    n = 0
-    if fmt == "openai":
-        info = store.info(job_id)
-        created = int(info.finished_at or info.created_at)
-        for line in store.results(job_id):
-            out.write(json.dumps(to_openai(line, info.model, created, job_id), ensure_ascii=False) + "\n")
-            n += 1
-        return n
-    for line in store.results(job_id):
-        out.write(line.model_dump_json() + "\n")
-        n += 1
-    return n
+__all__ = ["results"]
 
 
 @click.command()
@@ -51,4 +29,4 @@ def results(settings: Settings, job, output, fmt):
       mlxq results 3f2a... -o results.jsonl
       mlxq results 3f2a... --format openai > batch_output.jsonl
     """
-    write_results(settings.store(), job, output, fmt)
+    settings.client().job(job).write_results(output, fmt)

@@ -11,16 +11,14 @@ import click
 import redis
 from click.core import ParameterSource
 
-from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD
+from mlxq.client import Client
+from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
 from mlxq.jobs.models import model_name
-from mlxq.jobs.store import JobStore
 from mlxq.jobs.urls import mask_url
 
 from .common import Settings, report_invalid
 from .embedded import EmbeddedRedis, default_data_dir
 from .progress import watch
-from .results import write_results
-from .submit import queue_file
 
 __all__ = ["run"]
 
@@ -86,40 +84,37 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     prepare_worker_process()
     from mlxq.worker.service import running_worker
-    from mlxq.worker.tasks import send_window
 
     with _choose_redis(ctx.find_object(Settings), embedded, data_dir) as url:
-        store = JobStore.from_url(url)
-        store.ping()
+        client = Client(url)
+        client.ping()
         if resume:
-            info = store.info(resume)
+            job = client.job(resume)
+            info = job.status()
             if (ctx.get_parameter_source("model") is ParameterSource.COMMANDLINE
                     and model_name(model) != model_name(info.model)):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
         with running_worker(url, model, concurrency):
             if resume:
-                if store.unsent(resume, model):
-                    # Interrupted while sending: send its next requests now rather
-                    # than after a worker's wait for a dead sender (duplicates are no-ops).
-                    store.sending(resume, model=model)
-                    send_window(store, resume, model, DEFAULT_QUEUE_AHEAD)
+                # Interrupted while sending: send its queued requests now rather
+                # than after a worker's wait for a dead sender (duplicates are no-ops).
+                job.resume()
             else:
-                stored = queue_file(store, url, file, model)
-                info = stored.info
-                report_invalid(stored)
-            click.echo(f"mlxq: job {info.job_id} on {mask_url(url)}", err=True)
+                job = client.submit(file, model)
+                report_invalid(job)
+            click.echo(f"mlxq: job {job.id} on {mask_url(url)}", err=True)
             try:
-                final = watch(store, info.job_id)
+                watch(job)
             except KeyboardInterrupt:
                 # Stopping takes a few seconds (requests released, the embedded
                 # Redis shut down cleanly): a second Ctrl-C must not cut that short
                 # and end the process by the signal instead of exit code 130.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {info.job_id}"
+                click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {job.id}"
                            + (f" --data-dir {data_dir}" if url.startswith("unix://") else ""), err=True)
                 raise
-        target = output or (str(Path(file).with_suffix("")) + ".results.jsonl" if file else f"{info.job_id}.results.jsonl")
+        target = output or (str(Path(file).with_suffix("")) + ".results.jsonl" if file else f"{job.id}.results.jsonl")
         with open(target, "w", encoding="utf-8") as out:
-            write_results(store, final.job_id, out, fmt)
+            job.write_results(out, fmt)
         click.echo(target)

@@ -6,14 +6,13 @@ import json
 
 import click
 
+from mlxq.client import Job
 from mlxq.jobs.events import Event
-from mlxq.jobs.store import JobStore
+from mlxq.jobs.workers_ai import sse_data
 
 from .common import Settings, WorkerCheck
 
 __all__ = ["stream"]
-
-_TERMINAL = ("completed", "failed", "cancelled")
 
 
 class _Human:
@@ -40,52 +39,30 @@ class _Human:
 
 
 def _sse(ev: Event) -> None:
-    if ev.delta or ev.tool_calls:
-        data = {"response": ev.delta, **({"tool_calls": ev.tool_calls} if ev.tool_calls else {})}
+    data = sse_data(ev)
+    if data is not None:
         click.echo(f"data: {json.dumps(data, ensure_ascii=False)}\n")
     if ev.done and ev.error:
         click.echo(f"mlxq: request {ev.index} {ev.status}: {ev.error['message']}", err=True)
 
 
-def _follow(store: JobStore, job: str, index: int | None, show) -> bool:
+def _follow(job: Job, index: int | None, show) -> bool:
     """Print events until the job (or request ``index``) ends; True if it ended well."""
-    last = "0-0"
     ok = True
-    check = WorkerCheck(store, lambda text: click.echo(f"mlxq: {text}", err=True))
-
-    def drain(block_ms: int):
-        nonlocal last, ok
-        seen_end = False
-        for ev in store.read_events(job, last, block_ms=block_ms):
-            last = ev.id
-            if index is not None and ev.index != index:
-                continue
-            show(ev)
-            if ev.done:
-                ok = ok and ev.status == "completed"
-                seen_end = seen_end or index is not None
-        return seen_end
-
-    while True:
-        if drain(1000):
-            return ok
-        info = store.info(job)
-        check(info)
-        if index is not None:
-            ended = store.request_states(job, [index])[0] in _TERMINAL
-        else:
-            ended = info.status.terminal
-        if ended:
-            # The end is stored before its event is sent: give the last events a moment.
-            while store.read_events(job, last, block_ms=300):
-                if drain(0):
-                    return ok
-            if index is not None:
-                line = next(l for l in store.results(job) if l.index == index)
-                if line.error:
-                    click.echo(f"mlxq: request {index} {line.status.value}: {line.error.message}", err=True)
-                return line.status.value == "completed"
-            return ok
+    ended = False
+    check = WorkerCheck(job.store, lambda text: click.echo(f"mlxq: {text}", err=True))
+    for ev in job.stream(index, watch=check):
+        show(ev)
+        if ev.done:
+            ok = ok and ev.status == "completed"
+            ended = True
+    if index is not None and not ended:
+        # It ended without an event (cancelled before it ran): its result says how.
+        line = next(l for l in job.results() if l.index == index)
+        if line.error:
+            click.echo(f"mlxq: request {index} {line.status.value}: {line.error.message}", err=True)
+        return line.status.value == "completed"
+    return ok
 
 
 @click.command()
@@ -105,15 +82,15 @@ def stream(ctx, job, index, sse):
       mlxq stream 3f2a...
       mlxq stream 3f2a... --index 4 --sse
     """
-    store = ctx.find_object(Settings).store()
-    info = store.info(job)
+    handle = ctx.find_object(Settings).client().job(job)
+    info = handle.status()
     if sse and index is None:
         if info.total != 1:
             raise click.UsageError("--sse follows one request: give --index (the job has several)")
         index = 0
     if index is not None and index >= info.total:
         raise click.BadParameter(f"the job has {info.total} requests (0..{info.total - 1})", param_hint="--index")
-    ok = _follow(store, job, index, _sse if sse else _Human())
+    ok = _follow(handle, index, _sse if sse else _Human())
     if sse:
         click.echo("data: [DONE]\n")
     ctx.exit(0 if ok or index is None else 1)

@@ -8,26 +8,12 @@ from mlxq.jobs.defaults import (
     DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD,
     DEFAULT_RETENTION,
 )
-from mlxq.jobs.files import Limits, Stored, store_file
-from mlxq.jobs.store import JobStore
+from mlxq.jobs.files import Limits
 
 from .common import Settings, echo_json, pass_settings, report_invalid
 from .progress import watch
 
-__all__ = ["submit", "queue_file"]
-
-
-def queue_file(store: JobStore, redis_url: str, path: str, model: str, limits: Limits = Limits(),
-               ahead: int = DEFAULT_QUEUE_AHEAD) -> Stored:
-    """Store the file at ``path`` as a job and send its first ``ahead`` requests to ``model``'s
-    queue (``submit``, ``run``); the model's workers send the rest as their queue runs short."""
-    from mlxq.worker.app import configure
-    from mlxq.worker.tasks import send_window
-
-    stored = store_file(store, path, model, limits)
-    configure(redis_url)
-    send_window(store, stored.info.job_id, model, ahead)
-    return stored
+__all__ = ["submit"]
 
 
 @click.command()
@@ -62,17 +48,16 @@ def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_r
     Example:
       mlxq submit requests.jsonl --wait
     """
-    store = settings.store()
-    store.retention = retention
-    stored = queue_file(store, settings.redis_url, file, model,
-                        Limits(max_line_bytes, max_requests, max_total_tokens), ahead=queue_ahead)
-    report_invalid(stored)
-    job = {"job_id": stored.info.job_id, "total": stored.info.total, "invalid": stored.invalid}
+    client = settings.client(retention)
+    job = client.submit(file, model, limits=Limits(max_line_bytes, max_requests, max_total_tokens),
+                        ahead=queue_ahead)
+    report_invalid(job)
+    out = {"job_id": job.id, "total": job.total, "invalid": job.invalid}
     if as_json and not wait:
-        echo_json(job)
+        echo_json(out)
     elif not as_json:
-        click.echo(stored.info.job_id)
+        click.echo(job.id)
     if wait:
-        final = watch(store, stored.info.job_id, plain=True if as_json else None)
+        final = watch(job, plain=True if as_json else None)
         if as_json:
-            echo_json({**job, **final.as_dict()})
+            echo_json({**out, **final.as_dict()})

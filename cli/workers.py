@@ -49,14 +49,14 @@ def workers(settings: Settings, model, as_json):
       mlxq workers
       mlxq workers --json
     """
-    store = settings.store()
-    live = store.workers.live(model)
+    client = settings.client()
+    live = client.workers(model)
     if as_json:
         echo_json([w.as_dict() for w in live])
         return
     if not live:
         click.echo(f"no live workers{f' serve {model}' if model else ''}; start one with: {start_hint(model)}")
         return
-    now = store.clock()
+    now = client.store.clock()
     for w in live:
         click.echo(_line(w, now))

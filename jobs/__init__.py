@@ -1,8 +1,8 @@
 """The domain of mlxq: requests and results, JSONL ingest, the Redis job store."""
 
 from .errors import EngineError, InputError, JobNotFound, MlxqError, ModelNotFound, StoreError
-from .files import Limits, Stored, Tally, read_file, store_file
-from .ingest import Line, parse_line, read_lines
+from .files import Limits, Source, Stored, Tally, read_file, source_name, store_file
+from .ingest import Line, parse_line, read_lines, read_objects
 from .models import (
     ErrorInfo, JobStatus, MessagesRequest, Output, PromptRequest, Request, RequestStatus,
     ResultLine, ToolCall, Usage,
@@ -13,7 +13,8 @@ from .workers import WorkerInfo, WorkerRegistry
 
 __all__ = [
     "MlxqError", "InputError", "StoreError", "JobNotFound", "EngineError", "ModelNotFound",
-    "Line", "parse_line", "read_lines", "Limits", "Tally", "Stored", "read_file", "store_file",
+    "Line", "parse_line", "read_lines", "read_objects", "Limits", "Source", "Tally", "Stored", "read_file",
+    "source_name", "store_file",
     "JobStatus", "RequestStatus", "PromptRequest", "MessagesRequest", "Request",
     "Output", "Usage", "ToolCall", "ErrorInfo", "ResultLine",
     "JobStore", "JobInfo", "JobKeys", "Start", "connect", "mask_url", "WorkerInfo", "WorkerRegistry",

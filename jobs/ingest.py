@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from pydantic import ValidationError
 
@@ -18,7 +18,7 @@ from .errors import InputError
 from .models import MessagesRequest, PromptRequest, Request
 from .openai import from_openai, is_openai_line
 
-__all__ = ["Line", "parse_line", "parse_object", "read_lines", "read_batch_json", "read_requests",
+__all__ = ["Line", "parse_line", "parse_object", "read_lines", "read_batch_json", "read_objects", "read_requests",
            "repeated_id", "request_from_json"]
 
 _CHUNK = 1 << 16
@@ -144,6 +144,16 @@ def read_batch_json(fp: BinaryIO, max_bytes: int) -> Iterator[Line]:
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
         raise InputError('a .json batch must be an object {"requests": [...]} (use JSONL for one request per line)')
     for i, obj in enumerate(doc["requests"]):
+        yield parse_object(obj, i + 1, i, f"request {i + 1}")
+
+
+def read_objects(objects: Iterable[object]) -> Iterator[Line]:
+    """Requests given as Python objects (decoded JSON), parsed; request N is numbered like line N.
+
+    The same validation as a ``.json`` batch body's requests: a dict in either
+    request form, or an OpenAI batch line.
+    """
+    for i, obj in enumerate(objects):
         yield parse_object(obj, i + 1, i, f"request {i + 1}")
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 __all__ = [
     "ROOT", "MLXQ", "HelperFailure", "write_jsonl", "free_port", "wait_until", "clean_env", "run_mlxq",
-    "run_cli", "submit_and_wait", "results_of", "read_vmhwm_mb", "WorkerProcess",
+    "run_cli", "submit_and_wait", "results_of", "read_vmhwm_mb", "readme_blocks", "WorkerProcess",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +101,15 @@ def results_of(redis_url: str, job_id: str) -> list[dict]:
     out = run_cli(redis_url, "results", job_id)
     assert out.exit_code == 0, out.output
     return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def readme_blocks(section: str, lang: str) -> list[str]:
+    """The ``lang`` code blocks of the README's section ``section`` (a ``## `` heading), in order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start:end if end >= 0 else None]
+    return re.findall(rf"```{lang}\n(.*?)```", body, flags=re.S)
 
 
 def read_vmhwm_mb(pid: str) -> Optional[float]:

@@ -77,7 +77,7 @@ def test_models_lists_the_seed_alias(tmp_path):
     assert data["cached"] == []
 
 
-def test_compose_file_has_persistent_redis_workers_and_flower():
+def test_compose_file_has_persistent_redis_workers_the_api_and_flower():
     """No Docker engine runs here; this checks the file's structure, not a running stack."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     redis = compose["redis"]
@@ -89,6 +89,9 @@ def test_compose_file_has_persistent_redis_workers_and_flower():
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["environment"]["MLXQ_REDIS_URL"].startswith("redis://redis:")
     assert "flower" in compose["flower"]["command"]
+    api = compose["api"]  # mlxq serve: beyond loopback in its container, so with a token
+    assert api["command"][0] == "serve" and api["build"] == worker["build"]
+    assert "MLXQ_API_TOKEN" in api["environment"] and api["ports"] == ["127.0.0.1:8000:8000"]
     for line in dockerfile.read_text().splitlines():
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:

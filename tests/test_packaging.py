@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"cancel", "jobs", "models", "render", "results", "retry", "run", "status", "stream", "submit", "worker",
-            "workers"}
+COMMANDS = {"cancel", "jobs", "models", "render", "results", "retry", "run", "serve", "status", "stream", "submit",
+            "worker", "workers"}
 
 # Imports every module of the installed package (MLX and Celery included), then
 # reports where mlxq came from and whether any old top-level name got imported.
@@ -31,7 +31,7 @@ names = sorted(m.name for m in pkgutil.walk_packages(mlxq.__path__, "mlxq.") if 
 for name in names:
     importlib.import_module(name)
 print(json.dumps({"file": mlxq.__file__, "modules": names, "public": mlxq.__all__,
-                  "stale": sorted(n for n in sys.modules if n.split(".")[0] in ("jobs", "worker", "cli"))}))
+                  "stale": sorted(n for n in sys.modules if n.split(".")[0] in ("jobs", "worker", "cli", "server"))}))
 """
 
 
@@ -81,9 +81,11 @@ def test_every_module_imports_from_outside_the_repository(installed, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert Path(report["file"]).is_relative_to(installed), report["file"]
-    assert {"mlxq.jobs.store", "mlxq.worker.service", "mlxq.cli.run"} <= set(report["modules"])
+    assert {"mlxq.jobs.store", "mlxq.worker.service", "mlxq.cli.run", "mlxq.server.app", "mlxq.client"} <= set(
+        report["modules"])
     assert report["stale"] == []
-    assert {"JobStatus", "PromptRequest", "ResultLine", "MlxqError", "InputError"} <= set(report["public"])
+    assert {"Client", "Job", "JobStatus", "PromptRequest", "ResultLine", "MlxqError", "InputError"} <= set(
+        report["public"])
 
 
 def test_python_m_mlxq_lists_every_command_from_outside_the_repository(installed, tmp_path):
@@ -95,7 +97,7 @@ def test_python_m_mlxq_lists_every_command_from_outside_the_repository(installed
 
 def test_nothing_imports_the_old_top_level_names():
     """Code, tests and benchmarks: ``import jobs`` would work from the root, and only there."""
-    stale = re.compile(r"^\s*(from|import)\s+(jobs|worker|cli)\b|[\"']-m[\"'],\s*[\"'](jobs|worker|cli)\b")
+    stale = re.compile(r"^\s*(from|import)\s+(jobs|worker|cli|server)\b|[\"']-m[\"'],\s*[\"'](jobs|worker|cli|server)\b")
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         if any(part.startswith(".") or part in ("build", "site-packages") for part in path.relative_to(ROOT).parts):

@@ -130,14 +130,31 @@ def test_cached_blocks_are_copies_that_later_steps_do_not_change(loaded):
     assert mx.array_equal(cache.use(blocks), before).item()
 
 
-def test_rows_with_as_many_cached_blocks_but_other_ones_keep_their_own(loaded):
-    """Prompts whose cached prefixes are as long as each other's but differ, prefilled in one batch."""
-    prompts = [_encode(loaded, f"Topic {i}. " + "the words go on " * 6) for i in range(3)]
-    assert all(len(p) > PREFIX_BLOCK + 1 for p in prompts)
-    assert len({tuple(p[:PREFIX_BLOCK]) for p in prompts}) == 3
-    greedy = lambda: [RowSampler(0.0) for _ in prompts]  # noqa: E731
-    without = _run(loaded, prompts, greedy(), None)
+def test_rows_that_start_alike_are_not_prefilled_side_by_side(loaded):
+    """Requests arriving together with a shared prefix: one computes it, the others copy it."""
+    shared = _encode(loaded, "Shared instructions for every request in this batch. " * 6)[: 3 * PREFIX_BLOCK + 5]
+    prompts = [shared + _encode(loaded, f" item {i}") for i in range(6)]
+    without = _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], None, width=8)
     cache = PrefixCache(64 * MB)
-    assert _run(loaded, prompts, greedy(), cache, width=1) == without  # one at a time: each stores its blocks
-    assert _run(loaded, prompts, greedy(), cache) == without  # together, each from its own blocks
-    assert cache.hit_tokens >= 3 * PREFIX_BLOCK
+    batch = SlotBatch(loaded.model, width=8, prefill_tokens=4096, prefix_cache=cache)
+    batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    batch.next()  # the first prefill batch: one of them, though all would fit
+    assert len(batch.rows) == 1 and len(batch.waiting) == 5
+    batch.close()
+    assert cache.hit_tokens == 0
+    assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=8) == without
+    assert cache.hit_tokens == 6 * 3 * PREFIX_BLOCK
+
+
+def test_rows_with_as_many_cached_blocks_each_get_their_own(loaded):
+    """Prompts whose cached starts differ (same length, other tokens) prefill side by side."""
+    prompts = [_encode(loaded, f"Topic {word}: " + "tell me more about it please " * 9)[: 2 * PREFIX_BLOCK + 3 + i]
+               for i, word in enumerate(["rivers", "bread", "autumn", "queues"])]
+    assert len({tuple(p[:PREFIX_BLOCK]) for p in prompts}) == 4
+    without = _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], None, width=4)
+    cache = PrefixCache(64 * MB)
+    for p in prompts:  # each start cached by a request of its own
+        _run(loaded, [p], [RowSampler(0.0)], cache, width=1)
+    before = cache.hit_tokens
+    assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=4) == without
+    assert cache.hit_tokens - before == 4 * 2 * PREFIX_BLOCK

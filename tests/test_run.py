@@ -75,7 +75,7 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
             proc.kill()
     assert proc.returncode == 130, err
     assert f"mlxq run --resume {job_id} --data-dir {data}" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
 
     # Without --model: the resumed run serves the job's own model.
     out = _run("--resume", job_id, "--embedded", "--data-dir", data,

@@ -9,6 +9,8 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
+from celery.exceptions import Reject
+
 from mlxq.jobs.defaults import (
     DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD,
     DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
@@ -28,6 +30,21 @@ from .tasks import enqueue, send_window
 __all__ = ["backlog_for", "serve", "running_worker"]
 
 log = logging.getLogger(__name__)
+
+
+class _RejectWithoutTraceback(logging.Filter):
+    """Celery logs a rejected task with a traceback. A stopping worker rejects the
+    requests delivered to it so that another worker takes them (``Runner.run``):
+    the warning's one line says so, and a traceback would reach ``mlxq run``'s stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_REJECT_FILTER = _RejectWithoutTraceback()
 
 
 def _die(exc: BaseException) -> None:
@@ -68,6 +85,7 @@ def _runner(
     The worker is listed (``mlxq workers``, as ``name``) from the moment Redis
     answers, while its model loads too, until it stops.
     """
+    logging.getLogger("celery.app.trace").addFilter(_REJECT_FILTER)  # once: the same filter object
     store = JobStore.from_url(redis_url)
     store.ping()
     beat = Heartbeat(store.workers, name or worker_name(f"-{secrets.token_hex(2)}"),

@@ -16,7 +16,9 @@ that grows with the batch.
 The batch runs mlx-lm models unchanged: a layer's cache is a
 :class:`SlotKVCache`, which offers what their attention uses (``offset``,
 ``update_and_fetch``, ``make_mask``, ``state``). Sampling is NumPy's
-(:mod:`worker.sampling`), for all rows at once.
+(:mod:`mlxq.worker.sampling`), for all rows at once. New rows copy the keys and values
+of prompt prefixes already computed from the prefix cache (:mod:`mlxq.worker.prefix`)
+and prefill only the rest.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ class SlotBatch:
     def _ensure(self, rows: int, length: int, limits: Sequence[int] = ()) -> None:
         """Room for ``rows`` x ``length``; growth copies the cache, so it is rare.
 
-        Fresh memory is slow to touch (about 1 GB/s here, page faults), so the
+        Fresh memory is slow to touch (page faults: about 1 GB/s on small VMs), so the
         length grows at once to the longest any row may need (its prompt and
         ``max_tokens``; ``limits`` are those of rows about to join) when that
         is at most four times what is needed now, else it doubles.
@@ -307,7 +309,7 @@ class SlotBatch:
         A sequence whose prompt starts with blocks in the prefix cache gets
         their keys and values copied into its row and prefills only the rest.
         The batch is taken from the first sequences that fit in the free rows:
-        those with the same cached blocks, least left to prefill first and up
+        those with the same cached length, least left to prefill first and up
         to ``prefill_tokens`` tokens, so that prompts of similar length share
         it and padding stays small. Prompts are right-padded: each row's tokens
         sit at positions ``0..n-1`` of its own row, as decoding wants them, and
@@ -321,21 +323,37 @@ class SlotBatch:
             return False
         candidates = self.waiting[:free]
         cache = self.prefix_cache
-        hits = {id(r): cache.match(self.namespace, r.tokens, len(r.tokens) - 1) if cache else [] for r in candidates}
-        block = cache.block if cache else 0
+        hits = {id(r): cache.match(self.namespace, r.tokens, len(r.tokens) - 1) if cache is not None else []
+                for r in candidates}
+        block = cache.block if cache is not None else 0
 
         def todo(row: _Row) -> int:
             return len(row.tokens) - 1 - len(hits[id(row)]) * block
 
+        def next_block(row: _Row) -> Optional[tuple]:
+            """The first block this row would compute, if whole: rows that share it wait a batch."""
+            start = len(hits[id(row)]) * block
+            if cache is None or len(row.tokens) - 1 < start + block:
+                return None
+            return tuple(row.tokens[start:start + block])
+
         candidates.sort(key=todo)
         group = [candidates[0]]
         reused = hits[id(group[0])]
+        computing = {next_block(group[0])} - {None}
         for row in candidates[1:]:
-            if hits[id(row)] != reused:  # its rows all get these blocks' keys and values
+            if len(hits[id(row)]) != len(reused):
                 continue
+            first = next_block(row)
+            if first is not None and first in computing:
+                continue  # the next batch finds it in the cache
             if (len(group) + 1) * todo(row) > self.prefill_tokens:
                 break
             group.append(row)
+            computing.add(first)
+        # Rows that reuse the same blocks side by side: one copy of them serves each run.
+        if reused:
+            group.sort(key=lambda r: hits[id(r)][-1].id)
         chosen = {id(r) for r in group}
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         lengths = [len(r.tokens) - 1 for r in group]  # the last token is the first decode input
@@ -349,11 +367,19 @@ class SlotBatch:
         lo, hi = first, first + len(group)
         start = len(reused) * block
         if reused:
-            kv = cache.use(reused, rows=len(group))
-            for layer, c in enumerate(self.caches):
-                c.keys[lo:hi, :, :start] = kv[0, layer]
-                c.values[lo:hi, :, :start] = kv[1, layer]
-            mx.eval([c.state for c in self.caches])
+            # Each row gets its own blocks (rows with as many cached blocks may have other ones).
+            runs: list[tuple[int, int]] = []
+            for i, row in enumerate(group):
+                if runs and hits[id(row)][-1] is hits[id(group[runs[-1][0]])][-1]:
+                    runs[-1] = (runs[-1][0], i + 1)
+                else:
+                    runs.append((i, i + 1))
+            for a, b in runs:
+                kv = cache.use(hits[id(group[a])], rows=b - a)
+                for layer, c in enumerate(self.caches):
+                    c.keys[lo + a:lo + b, :, :start] = kv[0, layer]
+                    c.values[lo + a:lo + b, :, :start] = kv[1, layer]
+                mx.eval([c.state for c in self.caches])
         if longest > start:
             tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
             try:

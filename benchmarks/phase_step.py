@@ -1,0 +1,92 @@
+"""The step phase: where a decode step's time goes, in a process like the worker's.
+
+The first ``--width`` requests are prefilled into a slot batch (the worker's
+engine: OpenBLAS preloaded, float32, the compiled SiLU), which then decodes
+``STEPS`` steps at the standard workload's temperature. Timed apart, on the
+same rows: the whole step (``decode_step_ms``), the model's forward pass alone
+(``decode_forward_ms``), attention alone (MLX's fused kernel on every layer's
+keys and values, ``decode_attention_ms``) and sampling (``decode_sampling_ms``).
+The matmuls' share is set against the gemm phase's rate at the same width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import TEMPERATURE, PhaseResult, clean_env, load_prompts, log, mapped_blas, phase_main, run_phase
+
+STEPS = 8
+
+
+def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
+    from mlxq.worker.blas import find_openblas
+
+    log(f"step: a decode step of {args.width} rows, in parts")
+    return run_phase("step", model_dir, requests_file, clean_env(preload=find_openblas()), args.timeout,
+                     width=args.width, seed=args.seed)
+
+
+def measure(opts: argparse.Namespace) -> dict[str, Any]:
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxq.worker.model import load_model
+    from mlxq.worker.sampling import make_request_sampler, sample
+    from mlxq.worker.slots import SlotBatch
+
+    loaded = load_model(str(opts.model_dir), force_cpu=True)
+    model = loaded.model
+    prompts, max_tokens, seeds = load_prompts(loaded.tokenizer, opts.requests_file)
+    prompts, seeds = prompts[:opts.width], seeds[:opts.width]
+    batch = SlotBatch(model, width=len(prompts))
+    batch.insert(prompts, [make_request_sampler(TEMPERATURE, None, None, s) for s in seeds],
+                 max_tokens=max_tokens[:len(prompts)])
+    while batch.waiting:
+        batch.next()
+    batch.next()
+    rows = batch.rows
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            fn()
+        return (time.perf_counter() - start) / STEPS * 1000
+
+    step_ms = timed(batch.next)
+
+    def forward():
+        offset = mx.array([r.length for r in rows], dtype=mx.int32)
+        longest = max(r.length for r in rows) + 1
+        for c in batch.caches:
+            c.offset, c._fetch = offset, longest
+        logits = model(mx.array([[r.tokens[-1]] for r in rows]), cache=batch.caches)[:, -1, :]
+        mx.eval(logits)
+        return logits
+
+    forward_ms = timed(forward)
+    logits = forward()
+    sampling_ms = timed(lambda: sample(np.array(logits, copy=False), [r.sampler for r in rows]))
+    fetch = max(r.length for r in rows) + 1
+    first = model.layers[0].self_attn
+    heads, head_dim = first.n_heads, batch.caches[0].keys.shape[-1]
+    queries = mx.random.normal((len(rows), heads, 1, head_dim))
+    mask = (mx.arange(fetch)[None, :] <= mx.array([r.length for r in rows])[:, None])[:, None, None, :]
+    mx.eval(queries, mask)
+
+    def attention():
+        mx.eval([mx.fast.scaled_dot_product_attention(queries, c.keys[:len(rows), :, :fetch],
+                                                      c.values[:len(rows), :, :fetch], scale=head_dim ** -0.5,
+                                                      mask=mask) for c in batch.caches])
+
+    attention_ms = timed(attention)
+    return {"requests": len(rows), "tokens": 0, "seconds": step_ms / 1000, "blas": mapped_blas(),
+            "decode_step_ms": step_ms, "decode_forward_ms": forward_ms, "decode_attention_ms": attention_ms,
+            "decode_sampling_ms": sampling_ms, "decode_context": fetch}
+
+
+if __name__ == "__main__":
+    phase_main(measure)
