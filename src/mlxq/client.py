@@ -2,9 +2,10 @@
 
 The ``mlxq`` command is built on this module (one path for both), and so is
 ``mlxq serve``. The client composes the rooms: it validates and stores with
-:mod:`mlxq.jobs` and sends one Celery message per request with
-:func:`mlxq.worker.tasks.enqueue` (imported when it first sends, so creating a
-client or reading a job imports neither Celery nor MLX).
+:mod:`mlxq.jobs` and sends the first window of its Celery messages (one per
+request) with :func:`mlxq.worker.tasks.send_window` (imported when it first
+sends, so creating a client or reading a job imports neither Celery nor MLX);
+the model's workers send the rest.
 
     from mlxq import Client
 
