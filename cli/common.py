@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import click
 
 from mlxq.client import Client, Job
-from mlxq.jobs.defaults import DEFAULT_RETENTION
+from mlxq.jobs.defaults import DEFAULT_MODEL, DEFAULT_RETENTION
 from mlxq.jobs.errors import StoreError
-from mlxq.jobs.store import JobInfo
+from mlxq.jobs.models import model_name
+from mlxq.jobs.store import JobInfo, JobStore
 
-__all__ = ["Settings", "pass_settings", "echo_json", "describe", "report_invalid"]
+__all__ = ["Settings", "pass_settings", "echo_json", "describe", "report_invalid", "start_hint", "no_worker",
+           "WorkerCheck"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,38 @@ def report_invalid(job: Job) -> None:
     if job.invalid > len(job.errors):
         click.echo(f"warning: ... and {job.invalid - len(job.errors)} more invalid lines (see mlxq results)",
                    err=True)
+
+
+def start_hint(model: Optional[str]) -> str:
+    """The command that starts a worker for ``model`` (against the same Redis: MLXQ_REDIS_URL)."""
+    if not model or model_name(model) == model_name(DEFAULT_MODEL):
+        return "mlxq worker"
+    return f"mlxq worker --model {shlex.quote(model)}"
+
+
+def no_worker(model: str) -> str:
+    return f"no live worker serves model {model}; start one with: {start_hint(model)}"
+
+
+class WorkerCheck:
+    """Says (through ``say``) when no live worker serves a running job's model, and when one
+    does again; looks at Redis at most every ``every`` seconds."""
+
+    def __init__(self, store: JobStore, say: Callable[[str], None], every: float = 2.0):
+        self.store = store
+        self.say = say
+        self.every = every
+        self._looked = float("-inf")
+        self._missing = False
+
+    def __call__(self, info: JobInfo) -> None:
+        if info.status.terminal or time.monotonic() - self._looked < self.every:
+            return
+        self._looked = time.monotonic()
+        count = len(self.store.workers.live(info.model))
+        if count == 0 and not self._missing:
+            self.say(f"job {info.job_id}: {no_worker(info.model)}")
+        elif count and self._missing:
+            self.say(f"job {info.job_id}: {count} live worker{'s' if count > 1 else ''} serve{'' if count > 1 else 's'} "
+                     f"model {info.model} now")
+        self._missing = count == 0

@@ -7,7 +7,7 @@ import datetime as dt
 import click
 
 from . import progress
-from .common import Settings, describe, echo_json, pass_settings
+from .common import Settings, describe, echo_json, no_worker, pass_settings
 
 __all__ = ["status", "cancel", "retry", "list_jobs"]
 
@@ -18,7 +18,7 @@ __all__ = ["status", "cancel", "retry", "list_jobs"]
 @click.option("--watch", is_flag=True, help="Show progress until the job ends.")
 @pass_settings
 def status(settings: Settings, job, as_json, watch):
-    """Show JOB's status and request counts.
+    """Show JOB's status and request counts, and how many live workers serve its model.
 
     \b
     Examples:
@@ -27,10 +27,15 @@ def status(settings: Settings, job, as_json, watch):
     """
     handle = settings.client().job(job)
     info = progress.watch(handle, plain=True if as_json else None) if watch else handle.status()
+    serving = len(handle.client.workers(info.model))
     if as_json:
-        echo_json(info.as_dict())
-    else:
-        click.echo(describe(info))
+        echo_json({**info.as_dict(), "workers": serving})
+        return
+    click.echo(describe(info))
+    if serving:
+        click.echo(f"  workers: {serving} live serving {info.model}")
+    elif not info.status.terminal:
+        click.echo(f"  {no_worker(info.model)}")
 
 
 @click.command()

@@ -33,6 +33,7 @@ COMMANDS = {
     "render": "render:render",
     "models": "models:models",
     "serve": "serve:serve",
+    "workers": "workers:workers",
 }
 
 

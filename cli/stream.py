@@ -10,7 +10,7 @@ from mlxq.client import Job
 from mlxq.jobs.events import Event
 from mlxq.jobs.workers_ai import sse_data
 
-from .common import Settings
+from .common import Settings, WorkerCheck
 
 __all__ = ["stream"]
 
@@ -50,7 +50,8 @@ def _follow(job: Job, index: int | None, show) -> bool:
     """Print events until the job (or request ``index``) ends; True if it ended well."""
     ok = True
     ended = False
-    for ev in job.stream(index):
+    check = WorkerCheck(job.store, lambda text: click.echo(f"mlxq: {text}", err=True))
+    for ev in job.stream(index, watch=check):
         show(ev)
         if ev.done:
             ok = ok and ev.status == "completed"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from mlxq.jobs.defaults import (
-    DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_RETENTION,
+    DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD,
+    DEFAULT_RETENTION,
 )
 from mlxq.jobs.files import Limits
 
@@ -29,9 +30,12 @@ __all__ = ["submit"]
               show_default=True, envvar="MLXQ_MAX_TOTAL_TOKENS", help="Most tokens (sum of max_tokens) in one job.")
 @click.option("--retention", type=click.IntRange(min=60), default=DEFAULT_RETENTION, show_default=True,
               envvar="MLXQ_RETENTION", help="Seconds the job and its results are kept after it ends.")
+@click.option("--queue-ahead", type=click.IntRange(min=1), default=DEFAULT_QUEUE_AHEAD, show_default=True,
+              envvar="MLXQ_QUEUE_AHEAD",
+              help="Requests sent to the queue now; the model's workers send the rest as they need them.")
 @pass_settings
 def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_requests, max_total_tokens,
-           retention):
+           retention, queue_ahead):
     """Validate FILE and queue it.
 
     FILE is JSONL, one request per line: Workers AI requests ({"prompt": ...}
@@ -45,7 +49,8 @@ def submit(settings: Settings, file, model, wait, as_json, max_line_bytes, max_r
       mlxq submit requests.jsonl --wait
     """
     client = settings.client(retention)
-    job = client.submit(file, model, limits=Limits(max_line_bytes, max_requests, max_total_tokens))
+    job = client.submit(file, model, limits=Limits(max_line_bytes, max_requests, max_total_tokens),
+                        ahead=queue_ahead)
     report_invalid(job)
     out = {"job_id": job.id, "total": job.total, "invalid": job.invalid}
     if as_json and not wait:

@@ -9,8 +9,8 @@ import sys
 import click
 
 from mlxq.jobs.defaults import (
-    DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB,
-    DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_CONCURRENCY, DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from mlxq.jobs.urls import mask_url
 
@@ -49,12 +49,19 @@ __all__ = ["worker"]
               help="Memory for keys and values of prompt prefixes already computed (0 turns the cache off).")
 @click.option("--events", is_flag=True, envvar="MLXQ_EVENTS",
               help="Send Celery task events, for monitoring with Flower.")
+@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=DEFAULT_HEARTBEAT, show_default=True,
+              envvar="MLXQ_HEARTBEAT",
+              help="Seconds between this worker's heartbeats (mlxq workers); silent for three, it is gone.")
+@click.option("--queue-ahead", type=click.IntRange(min=1), default=DEFAULT_QUEUE_AHEAD, show_default=True,
+              envvar="MLXQ_QUEUE_AHEAD",
+              help="Messages kept in the model's queue: below half of it, this worker sends its jobs' next ones.")
 @pass_settings
 def worker(settings: Settings, model, concurrency, model_dirs, loglevel, no_blas_setup, lease, max_attempts, time_limit,
-           visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events):
+           visibility_timeout, adapters_dir, backlog, prefix_cache_mb, events, heartbeat, queue_ahead):
     """Load MODEL once and generate the requests queued for it.
 
-    Start as many workers, on as many machines, as you like against one Redis.
+    Start as many workers, on as many machines, as you like against one Redis;
+    `mlxq workers` lists them.
     On Linux the worker re-executes itself with OpenBLAS preloaded when
     Debian's libopenblas0-pthread is installed.
 
@@ -73,7 +80,7 @@ def worker(settings: Settings, model, concurrency, model_dirs, loglevel, no_blas
         settings.redis_url, model, concurrency, loglevel=loglevel.upper(),
         visibility_timeout=visibility_timeout, model_dirs=model_dirs or None,
         lease=lease, max_attempts=max_attempts, time_limit=time_limit, events=events, adapters_dir=adapters_dir,
-        backlog=backlog, prefix_cache_mb=prefix_cache_mb,
+        backlog=backlog, prefix_cache_mb=prefix_cache_mb, heartbeat=heartbeat, queue_ahead=queue_ahead,
     )
     # Everything is stored and every thread of ours has stopped. Leave without
     # the interpreter's teardown: native threads (MLX, OpenBLAS) destroyed

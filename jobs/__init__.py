@@ -9,6 +9,7 @@ from .models import (
 )
 from .store import JobInfo, JobKeys, JobStore, Start, connect
 from .urls import mask_url
+from .workers import WorkerInfo, WorkerRegistry
 
 __all__ = [
     "MlxqError", "InputError", "StoreError", "JobNotFound", "EngineError", "ModelNotFound",
@@ -16,5 +17,5 @@ __all__ = [
     "source_name", "store_file",
     "JobStatus", "RequestStatus", "PromptRequest", "MessagesRequest", "Request",
     "Output", "Usage", "ToolCall", "ErrorInfo", "ResultLine",
-    "JobStore", "JobInfo", "JobKeys", "Start", "connect", "mask_url",
+    "JobStore", "JobInfo", "JobKeys", "Start", "connect", "mask_url", "WorkerInfo", "WorkerRegistry",
 ]

@@ -41,8 +41,9 @@ DEFAULT_CANCEL_POLL = 0.5
 DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
 
 #: A running request's lease: its worker renews it every quarter of this; when
-#: it lapses (the worker died), any live worker puts the request back in the
-#: queue. A dead worker's requests run again within about 1.25x this.
+#: it lapses (the worker died; by the Redis server's clock), any live worker puts
+#: the request back in the queue. A dead worker's requests run again within
+#: about this and a second.
 DEFAULT_LEASE = 60.0
 
 #: Times a request may start (its worker dying each time) before it fails.
@@ -54,3 +55,13 @@ DEFAULT_TIME_LIMIT = 3600.0
 #: Memory a worker's prefix cache may hold (MiB): keys and values of prompt
 #: prefixes already computed, reused by requests that start the same way.
 DEFAULT_PREFIX_CACHE_MB = 1024
+
+#: Seconds between a worker's heartbeats (its entry in ``mlxq workers``); an
+#: entry not renewed for three of them has expired: that worker is gone.
+DEFAULT_HEARTBEAT = 5.0
+
+#: Celery messages kept in a model's queue ahead of its workers. A job's
+#: messages are sent a window at a time: its sender sends this many, and the
+#: model's workers send more as the queue runs below half of it, so the
+#: queue (and Redis's memory) holds a window, not the whole job.
+DEFAULT_QUEUE_AHEAD = 200

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .store import JobInfo
 
-__all__ = ["rates", "summary"]
+__all__ = ["rates", "summary", "now_of"]
 
 
 def rates(info: JobInfo, now: float) -> tuple[float, float, Optional[float]]:
@@ -23,9 +23,15 @@ def rates(info: JobInfo, now: float) -> tuple[float, float, Optional[float]]:
     return elapsed, rate, eta
 
 
+def now_of(info: JobInfo) -> float:
+    """The time to set against the job's times: the Redis server's, read with them
+    (the job's times are the server's; this machine's clock may differ)."""
+    return info.now if info.now is not None else time.time()
+
+
 def summary(info: JobInfo, now: Optional[float] = None) -> str:
     """One parseable line: ``job J: running 10/64 done, 1 failed, 2300 tokens, 45.2 tok/s, ...``."""
-    elapsed, rate, eta = rates(info, now or time.time())
+    elapsed, rate, eta = rates(info, now or now_of(info))
     text = (
         f"job {info.job_id}: {info.status.value} {info.done}/{info.total} done, {info.failed} failed, "
         f"{info.cancelled} cancelled, {info.tokens} tokens, {rate:.1f} tok/s, {elapsed:.0f}s elapsed"

@@ -2,18 +2,32 @@
 
 The job scripts (START, FINISH, CANCEL, REQUEUE, RETRY) take a job's keys as
 KEYS, in the order of :class:`mlxq.jobs.store.JobKeys`, and name them first
-thing (:data:`_JOB_KEYS`); each then names its ARGV. CLAIM_UNSENT takes the
-unsent set alone. A lease member is ``JOB:INDEX``; its score is the time (Unix
-seconds) at which it lapses unless the worker running the request renews it.
+thing (:data:`_JOB_KEYS`); each then names its ARGV. CLAIM_UNSENT, RENEW and
+DUE take one sorted set. A lease member is ``JOB:INDEX``; its score is the time
+(Unix seconds) at which it lapses unless the worker running the request renews
+it.
 Statuses are the values of :class:`~mlxq.jobs.models.JobStatus` and
 :class:`~mlxq.jobs.models.RequestStatus`.
+
+One clock: every time a script stores or compares (a lease's lapse, a
+sender's claim, ``started_at``...) is the Redis server's, read with ``TIME``
+inside the script, never a time passed in by a worker or a submitter, whose
+clocks may be minutes apart (:data:`_NOW`).
 """
 
-__all__ = ["START", "FINISH", "CANCEL", "REQUEUE", "RETRY", "CLAIM_UNSENT"]
+__all__ = ["START", "FINISH", "CANCEL", "REQUEUE", "RETRY", "CLAIM_UNSENT", "RENEW", "DUE"]
+
+# The Redis server's clock, in Unix seconds (microsecond resolution).
+_NOW = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
 
 # KEYS of the job scripts: JobKeys' fields, in order. `own` are the keys that
 # expire with the job (all but the shared lease set).
-_JOB_KEYS = """
+_JOB_KEYS = _NOW + """
 local job, states, results, requests, custom_ids, events, attempts, leases =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local own = {job, states, results, requests, custom_ids, events, attempts}
@@ -38,19 +52,20 @@ end
 # on another worker: a duplicate delivery); -1: no such job; -2: it has used up
 # its attempts (the caller records the failure).
 START = _JOB_KEYS + """
-local index, now, lease, max_attempts, member = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local index, lease, max_attempts, member = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now = server_now()
 local st = redis.call('HGET', job, 'status')
 if not st then return -1 end
 if st == 'cancelling' or st == 'cancelled' then return 0 end
 local s = redis.call('HGET', states, index)
 if s == 'running' then
   local lapses = redis.call('ZSCORE', leases, member)
-  if lapses and tonumber(lapses) > tonumber(now) then return 0 end
+  if lapses and tonumber(lapses) > now then return 0 end
 elseif s ~= 'queued' then
   return 0
 end
 if redis.call('HINCRBY', attempts, index, 1) > max_attempts then return -2 end
-redis.call('ZADD', leases, tonumber(now) + lease, member)
+redis.call('ZADD', leases, now + lease, member)
 if s == 'running' then return 2 end
 redis.call('HSET', states, index, 'running')
 redis.call('HINCRBY', job, 'queued', -1)
@@ -62,7 +77,7 @@ return 1
 # Records a request's end once.
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 FINISH = _SETTLE + """
-local index, status, line, now, member, tokens = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local index, status, line, member, tokens = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local s = redis.call('HGET', states, index)
 if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', states, index, status)
@@ -71,14 +86,13 @@ redis.call('HINCRBY', job, s, -1)
 redis.call('HINCRBY', job, status, 1)
 redis.call('ZREM', leases, member)
 redis.call('HINCRBY', job, 'tokens', tokens)
-settle(now)
+settle(server_now())
 return 1
 """
 
 # Queued requests become cancelled; the job is cancelling while a request
 # still runs, else cancelled. Returns the job's status, or nil.
 CANCEL = _SETTLE + """
-local now = ARGV[1]
 local st = redis.call('HGET', job, 'status')
 if not st then return nil end
 if st == 'completed' or st == 'cancelled' then return st end
@@ -95,7 +109,7 @@ if n > 0 then
   redis.call('HINCRBY', job, 'cancelled', n)
 end
 redis.call('HSET', job, 'status', 'cancelling')
-settle(now)
+settle(server_now())
 return redis.call('HGET', job, 'status')
 """
 
@@ -104,10 +118,11 @@ return redis.call('HGET', job, 'status')
 # (1; the caller sends it again) or, in a cancelling job, ends cancelled (2).
 # 0: the lease was renewed or is gone.
 REQUEUE = _SETTLE + """
-local index, now, member, release = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local index, member, release = ARGV[1], ARGV[2], ARGV[3]
+local now = server_now()
 local lapses = redis.call('ZSCORE', leases, member)
 if not lapses then return 0 end
-if release ~= '1' and tonumber(lapses) > tonumber(now) then return 0 end
+if release ~= '1' and tonumber(lapses) > now then return 0 end
 redis.call('ZREM', leases, member)
 if redis.call('HGET', states, index) ~= 'running' then return 0 end
 redis.call('HINCRBY', job, 'running', -1)
@@ -154,15 +169,37 @@ end
 return out
 """
 
-# Claims the jobs whose sender's claim has run out (score <= now): pushes their
-# deadline to `deadline`, so that one caller at a time sends for each.
-# KEYS: the unsent set.
-CLAIM_UNSENT = """
+# Claims the jobs nobody sends for: those whose sender's claim ran out (score
+# <= now) and those released to workers (score 0): pushes their deadline
+# `grace` seconds past now, so that one caller at a time sends for each.
+# Returns id, old score, id, old score...: an old score above 0 was a sender's
+# claim that ran out (it died). KEYS: the model's unsent set. ARGV: grace
+# (seconds), limit (most jobs claimed).
+CLAIM_UNSENT = _NOW + """
 local unsent = KEYS[1]
-local now, deadline, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ids = redis.call('ZRANGEBYSCORE', unsent, '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
-  redis.call('ZADD', unsent, deadline, id)
+local grace, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = server_now()
+local found = redis.call('ZRANGEBYSCORE', unsent, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #found, 2 do
+  redis.call('ZADD', unsent, now + grace, found[i])
 end
-return ids
+return found
+"""
+
+# Pushes the deadline of members that are still in a sorted set (leases, claims)
+# to `seconds` past now; adds none back. KEYS: the set. ARGV: seconds, members...
+RENEW = _NOW + """
+local set = KEYS[1]
+local until_ = server_now() + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', set, 'XX', until_, ARGV[i])
+end
+return #ARGV - 1
+"""
+
+# Members of a sorted set whose deadline has passed (score <= now), at most
+# `limit`. KEYS: the set. ARGV: limit.
+DUE = _NOW + """
+local set = KEYS[1]
+return redis.call('ZRANGEBYSCORE', set, '-inf', server_now(), 'LIMIT', 0, tonumber(ARGV[1]))
 """

@@ -17,11 +17,14 @@ and the keys of every job (they do not expire):
 - ``mlxq:leases``         :data:`LEASES`: sorted set: running requests (``J:INDEX``)
                           by the time their lease lapses
 - ``mlxq:jobs``           :data:`JOBS`: sorted set: job ids by creation time
-- ``mlxq:unsent``         :data:`UNSENT`: sorted set: job ids whose Celery messages are
-                          not all sent yet, by the time their sender's claim runs out
+- ``mlxq:unsent:MODEL``   :func:`unsent_key`: sorted set: ids of the model's jobs whose
+                          Celery messages are not all sent yet, by the time their
+                          sender's claim runs out (0: nobody sends for it now)
 
 Every change of state that touches more than one key is one Lua script
-(:mod:`mlxq.jobs.scripts`).
+(:mod:`mlxq.jobs.scripts`). Every time stored here or compared (lease lapses,
+senders' claims, a job's ``created_at``/``started_at``/``finished_at``) is the
+Redis server's clock: processes on other machines may keep other times.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ import functools
 import inspect
 import json
 import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import redis
@@ -41,17 +43,30 @@ from .errors import JobNotFound, StoreError
 from .events import DEFAULT_STREAM_MAXLEN, EMIT_SCRIPT, Event, emit_args, events_key, parse_entries
 from .ingest import Line, repeated_id, request_from_json
 from . import scripts
-from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine
+from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine, model_name
 from .urls import mask_url
+from .workers import WorkerRegistry
 
-__all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "connect"]
+__all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "connect", "stored_request", "unsent_key"]
 
 _CHUNK = 1000
 LEASES = f"{KEY_PREFIX}:leases"
 JOBS = f"{KEY_PREFIX}:jobs"
-UNSENT = f"{KEY_PREFIX}:unsent"
 #: Seconds a job's sender has to send (or renew its claim) before a worker sends for it.
 SEND_GRACE = 60.0
+
+
+def unsent_key(model: str) -> str:
+    """The sorted set of ``model``'s jobs whose messages are not all sent."""
+    return f"{KEY_PREFIX}:unsent:{model_name(model)}"
+
+
+def stored_request(line: Line) -> str:
+    """A valid line as the job store keeps it: the validated request as JSON, with its custom_id."""
+    body = line.request.model_dump_json(exclude_none=True)
+    if line.request.custom_id is None:  # an implicit id (the line number) is stored too
+        body = '{"custom_id":' + json.dumps(line.custom_id) + ("," + body[1:] if body != "{}" else "}")
+    return body
 
 
 def connect(url: str) -> redis.Redis:
@@ -134,6 +149,8 @@ class JobInfo:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     tokens: int = 0  # generated so far, over the job's ended requests
+    #: The Redis server's time when this was read: the clock of the times above.
+    now: Optional[float] = field(default=None, compare=False)
 
     @property
     def done(self) -> int:
@@ -182,11 +199,18 @@ class JobStore:
         self._retry = client.register_script(scripts.RETRY)
         self._emit = client.register_script(EMIT_SCRIPT)
         self._claim_unsent = client.register_script(scripts.CLAIM_UNSENT)
+        self._renew = client.register_script(scripts.RENEW)
+        self._due = client.register_script(scripts.DUE)
         self.stream_maxlen = DEFAULT_STREAM_MAXLEN
 
     @classmethod
     def from_url(cls, url: str, retention: int = DEFAULT_RETENTION) -> "JobStore":
         return cls(connect(url), retention, where=mask_url(url))
+
+    @functools.cached_property
+    def workers(self) -> WorkerRegistry:
+        """The live workers' heartbeat entries (:mod:`mlxq.jobs.workers`)."""
+        return WorkerRegistry(self.redis, self.where)
 
     # -- keys ---------------------------------------------------------------
 
@@ -211,48 +235,69 @@ class JobStore:
         self.redis.ping()
 
     @_wrap
+    def clock(self) -> float:
+        """The Redis server's time (Unix seconds): the one clock mlxq decides by."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
+    @_wrap
     def add_lines(self, job_id: str, lines: list[Line]) -> list[Optional[str]]:
         """Store a batch of parsed lines; returns the error each line failed with (None: valid).
 
-        A line whose ``custom_id`` repeats an earlier line's fails.
+        A line whose ``custom_id`` repeats an earlier line's fails. One sender
+        stores a job before any other process can see it, so the repeats are
+        found with one read per batch and everything is written in one
+        command per hash.
         """
         keys = self.keys(job_id)
-        valid_lines = [line for line in lines if line.request is not None]
-        first: dict[int, int] = {}
-        if valid_lines:
-            pipe = self.redis.pipeline(transaction=False)
-            for line in valid_lines:
-                pipe.hsetnx(keys.custom_ids, line.custom_id, line.index)
-            fresh = pipe.execute()
-            dup = [line for line, ok in zip(valid_lines, fresh) if not ok]
-            if dup:
-                owners = self.redis.hmget(keys.custom_ids, [line.custom_id for line in dup])
-                first = {line.index: int(o) for line, o in zip(dup, owners)}
+        first: dict[int, int] = {}  # a repeating line's index -> the index whose id it repeats
+        owner: dict[str, int] = {}
+        for line in lines:
+            if line.request is not None:
+                if line.custom_id in owner:
+                    first[line.index] = owner[line.custom_id]
+                else:
+                    owner[line.custom_id] = line.index
+        if owner:
+            earlier = self.redis.hmget(keys.custom_ids, list(owner))
+            for (custom_id, index), was in zip(list(owner.items()), earlier):
+                if was is not None:
+                    first[index] = int(was)
+                    del owner[custom_id]
         errors: list[Optional[str]] = []
-        pipe = self.redis.pipeline(transaction=False)
+        requests: dict[int, str] = {}
+        states: dict[int, str] = {}
+        results: dict[int, str] = {}
         for line in lines:
             error = repeated_id(line, first[line.index]) if line.index in first else line.error
             errors.append(error)
             if error is None:
-                body = line.request.model_dump(mode="json", exclude_none=True)
-                body["custom_id"] = line.custom_id
-                pipe.hset(keys.requests, line.index, json.dumps(body, ensure_ascii=False))
-                pipe.hset(keys.states, line.index, RequestStatus.QUEUED.value)
+                requests[line.index] = stored_request(line)
+                states[line.index] = RequestStatus.QUEUED.value
             else:
                 failed = ResultLine(
                     index=line.index, custom_id=line.custom_id, status=RequestStatus.FAILED,
                     error=ErrorInfo(code="invalid_request", message=error),
                 )
-                pipe.hset(keys.requests, line.index, json.dumps({"custom_id": line.custom_id}))
-                pipe.hset(keys.results, line.index, failed.model_dump_json())
-                pipe.hset(keys.states, line.index, RequestStatus.FAILED.value)
+                requests[line.index] = json.dumps({"custom_id": line.custom_id})
+                results[line.index] = failed.model_dump_json()
+                states[line.index] = RequestStatus.FAILED.value
+        pipe = self.redis.pipeline(transaction=False)
+        if owner:
+            pipe.hset(keys.custom_ids, mapping=owner)
+        if requests:
+            pipe.hset(keys.requests, mapping=requests)
+            pipe.hset(keys.states, mapping=states)
+        if results:
+            pipe.hset(keys.results, mapping=results)
         pipe.execute()
         return errors
 
     @_wrap
     def finalize(self, job_id: str, model: str, total: int, valid: int) -> JobInfo:
-        """Make a fully stored job visible and queued, in one step."""
-        now = time.time()
+        """Make a fully stored job visible and queued, in one step; its sender holds the claim
+        on sending its messages for :data:`SEND_GRACE` seconds."""
+        now = self.clock()
         keys = self.keys(job_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
@@ -260,46 +305,85 @@ class JobStore:
             mapping={
                 "status": JobStatus.QUEUED.value, "model": model, "created_at": repr(now),
                 "total": total, "queued": valid, "running": 0, "completed": 0,
-                "failed": total - valid, "cancelled": 0, "retention": self.retention,
+                "failed": total - valid, "cancelled": 0, "retention": self.retention, "sent": 0,
             },
         )
         for key in keys.own:
             pipe.expire(key, self.retention)
+        pipe.delete(keys.custom_ids)  # read only while storing: no need to keep it
         pipe.zadd(JOBS, {job_id: now})
-        pipe.zadd(UNSENT, {job_id: now + SEND_GRACE})
+        pipe.zadd(unsent_key(model), {job_id: now + SEND_GRACE})
         pipe.execute()
         return self.info(job_id)
 
     # -- sending a job's messages -------------------------------------------
     #
-    # A job is stored and made visible in one step, then one Celery message per
-    # request is sent. A sender that dies in between (killed, or its broker
-    # connection lost) would leave requests queued with no message: until it
-    # calls sent(), the job stays in UNSENT, and a worker's lease keeper sends
-    # its queued requests once the claim has run out. A request sent twice is
-    # harmless: the first delivery claims it, the other finds it taken.
+    # A job is stored and made visible in one step; its Celery messages (one
+    # per request) are then sent a window at a time, in index order: the
+    # sender sends the first window, and workers of the job's model send the
+    # next ones as their queue runs short (mlxq.worker.leases), so the queue
+    # holds a window, not the whole job. The job hash's `sent` says how far
+    # the messages have gone; the job stays in its model's unsent set until
+    # all have. Its score is a claim: the time (Redis's clock) until which
+    # one sender sends for it, or 0 when nobody does and a worker may take it
+    # on. A sender that dies with its claim (killed, or its connection lost)
+    # leaves it to run out, and a worker then sends from `sent` on. A request
+    # sent twice is harmless: the first delivery claims it, the other finds
+    # it taken.
 
     @_wrap
-    def sending(self, job_id: str, grace: float = SEND_GRACE) -> None:
+    def sending(self, job_id: str, grace: float = SEND_GRACE, model: Optional[str] = None) -> None:
         """Renew this sender's claim on the job's sending."""
-        self.redis.zadd(UNSENT, {job_id: time.time() + grace}, xx=True)
+        self._renew(keys=[unsent_key(model or self.model_of(job_id) or "")], args=[grace, job_id])
 
     @_wrap
-    def sent(self, job_id: str) -> None:
+    def sent(self, job_id: str, model: Optional[str] = None) -> None:
         """Every queued request of the job has its message."""
-        self.redis.zrem(UNSENT, job_id)
+        self.redis.zrem(unsent_key(model or self.model_of(job_id) or ""), job_id)
 
     @_wrap
-    def unsent(self, job_id: str) -> bool:
+    def release(self, job_id: str, model: str, cursor: Optional[int] = None) -> None:
+        """Give up the claim on a job's sending (its messages before ``cursor`` are sent):
+        the next window is for a worker to send."""
+        pipe = self.redis.pipeline(transaction=True)
+        if cursor is not None:
+            pipe.hset(self.keys(job_id).job, "sent", cursor)
+        pipe.zadd(unsent_key(model), {job_id: 0}, xx=True)
+        pipe.execute()
+
+    @_wrap
+    def unsent(self, job_id: str, model: Optional[str] = None) -> bool:
         """Whether the job's sender has not yet sent every message (or died trying)."""
-        return self.redis.zscore(UNSENT, job_id) is not None
+        return self.redis.zscore(unsent_key(model or self.model_of(job_id) or ""), job_id) is not None
 
     @_wrap
-    def claim_unsent(self, grace: float = SEND_GRACE, limit: int = 10) -> list[str]:
-        """Jobs whose sender's claim ran out, now claimed by the caller for ``grace`` seconds."""
-        now = time.time()
-        ids = self._claim_unsent(keys=[UNSENT], args=[repr(now), repr(now + grace), limit])
-        return [i.decode() for i in ids]
+    def claim_unsent(self, model: str, grace: float = SEND_GRACE, limit: int = 10) -> list[tuple[str, bool]]:
+        """Jobs of ``model`` that nobody sends for, now claimed by the caller for ``grace``
+        seconds: (job id, whether its sender died holding the claim)."""
+        out = self._claim_unsent(keys=[unsent_key(model)], args=[grace, limit])
+        return [(out[i].decode(), float(out[i + 1]) > 0) for i in range(0, len(out), 2)]
+
+    @_wrap
+    def next_window(self, job_id: str, limit: int) -> tuple[list[int], int, int]:
+        """The job's next ``limit`` queued requests whose messages are not sent yet:
+        (their indices, the cursor past them, the job's total)."""
+        total, sent = self.redis.hmget(self.keys(job_id).job, ["total", "sent"])
+        total = int(total or 0)
+        cursor = int(sent) if sent is not None else total  # a job stored before windows: all sent
+        states = self.keys(job_id).states
+        out: list[int] = []
+        while cursor < total and len(out) < limit:
+            idx = list(range(cursor, min(cursor + min(_CHUNK, limit - len(out)), total)))
+            for i, s in zip(idx, self.redis.hmget(states, idx)):
+                if s is not None and RequestStatus(s.decode()) is RequestStatus.QUEUED:
+                    out.append(i)
+            cursor = idx[-1] + 1
+        return out, cursor, total
+
+    @_wrap
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a Celery queue (its Redis list)."""
+        return self.redis.llen(queue)
 
     @_wrap
     def discard(self, job_id: str) -> None:
@@ -314,7 +398,7 @@ class JobStore:
         """Claim request ``index`` for this worker under a lease of ``lease`` seconds."""
         outcome = self._start(
             keys=self.keys(job_id),
-            args=[index, repr(time.time()), lease, max_attempts, self.member(job_id, index)],
+            args=[index, lease, max_attempts, self.member(job_id, index)],
         )
         return Start(run=outcome in (1, 2), redelivered=outcome == 2, exhausted=outcome == -2)
 
@@ -330,8 +414,7 @@ class JobStore:
     def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
         """Record a request's end once; a second call for it changes nothing."""
         tokens = line.result.usage.completion_tokens if line.result else 0
-        args = [line.index, line.status.value, line.model_dump_json(), repr(time.time()),
-                self.member(job_id, line.index), tokens]
+        args = [line.index, line.status.value, line.model_dump_json(), self.member(job_id, line.index), tokens]
         return self._finish(keys=self.keys(job_id), args=args, client=pipeline) == 1
 
     # -- leases -------------------------------------------------------------------
@@ -341,13 +424,12 @@ class JobStore:
         """Push back the lapse of these leases (those that still exist)."""
         members = list(members)
         if members:
-            until = time.time() + lease
-            self.redis.zadd(LEASES, {m: until for m in members}, xx=True)
+            self._renew(keys=[LEASES], args=[lease, *members])
 
     @_wrap
     def lapsed(self, limit: int = 100) -> list[tuple[str, int]]:
         """(job_id, index) of requests whose lease has lapsed: their worker is gone."""
-        members = self.redis.zrangebyscore(LEASES, "-inf", repr(time.time()), start=0, num=limit)
+        members = self._due(keys=[LEASES], args=[limit])
         out = []
         for m in members:
             job_id, _, index = m.decode().rpartition(":")
@@ -360,7 +442,7 @@ class JobStore:
         holds) back in the queue; True if it must be sent again."""
         outcome = self._requeue(
             keys=self.keys(job_id),
-            args=[index, repr(time.time()), self.member(job_id, index), "1" if release else "0"],
+            args=[index, self.member(job_id, index), "1" if release else "0"],
         )
         return outcome == 1
 
@@ -410,7 +492,10 @@ class JobStore:
 
     @_wrap
     def info(self, job_id: str) -> JobInfo:
-        h = self.redis.hgetall(self.keys(job_id).job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys(job_id).job)
+        pipe.time()
+        h, (seconds, micros) = pipe.execute()
         if not h or b"status" not in h:
             raise JobNotFound(job_id)
         d = {k.decode(): v.decode() for k, v in h.items()}
@@ -425,19 +510,26 @@ class JobStore:
             cancelled=num("cancelled"), tokens=num("tokens"),
             started_at=float(d["started_at"]) if "started_at" in d else None,
             finished_at=float(d["finished_at"]) if "finished_at" in d else None,
+            now=seconds + micros / 1e6,
         )
 
     @_wrap
     def cancel(self, job_id: str) -> JobStatus:
-        status = self._cancel(keys=self.keys(job_id), args=[repr(time.time())])
+        status = self._cancel(keys=self.keys(job_id))
         if status is None:
             raise JobNotFound(job_id)
         return JobStatus(status.decode())
 
     @_wrap
-    def queued_indices(self, job_id: str) -> Iterator[int]:
-        """Indices of the job's queued requests, in order, a chunk at a time."""
-        total = self.info(job_id).total
+    def queued_indices(self, job_id: str, sent_only: bool = False) -> Iterator[int]:
+        """Indices of the job's queued requests, in order, a chunk at a time; with
+        ``sent_only``, only those whose message has been sent (see :meth:`next_window`)."""
+        total, sent = self.redis.hmget(self.keys(job_id).job, ["total", "sent"])
+        if total is None:
+            raise JobNotFound(job_id)
+        total = int(total)
+        if sent_only and sent is not None:
+            total = min(total, int(sent))
         states = self.keys(job_id).states
         for lo in range(0, total, _CHUNK):
             idx = list(range(lo, min(lo + _CHUNK, total)))

@@ -77,6 +77,7 @@ def worker(redis_url, tiny_model, adapters_dir):
     """A real Celery worker (thread pool) in this process, serving the tiny model."""
     from mlxq.worker.service import running_worker
 
+    # Tests clear Redis between them: a short heartbeat puts the worker's entry back soon.
     with running_worker(redis_url, str(tiny_model), concurrency=8, on_fatal=lambda exc: None,
-                        adapters_dir=str(adapters_dir)) as runner:
+                        adapters_dir=str(adapters_dir), heartbeat=1.0) as runner:
         yield runner

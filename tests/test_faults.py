@@ -17,17 +17,21 @@ reliably take seconds ("length").
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from helpers import MLXQ, ROOT, WorkerProcess, results_of, run_mlxq, wait_until, write_jsonl
+from helpers import MLXQ, ROOT, WorkerProcess, clean_env, results_of, run_mlxq, wait_until, write_jsonl
+from mlxq.jobs.defaults import DEFAULT_LEASE
 from mlxq.jobs.models import JobStatus
-from mlxq.jobs.store import JobInfo, JobStore
+from mlxq.jobs.store import JobInfo, JobStore, unsent_key
 from redisproc import RedisProc
 
 LONG_PROMPTS = ["story 5", "story 17", "story 31", "story 1", "story 23"]
@@ -51,19 +55,19 @@ class Cluster:
         self.store = JobStore.from_url(self.url)
         self.workers: list[WorkerProcess] = []
 
-    def worker(self, name: str, *args: str, ready: bool = True) -> WorkerProcess:
+    def worker(self, name: str, *args: str, ready: bool = True, env: Optional[dict] = None) -> WorkerProcess:
         # A short lease, so that a killed worker's requests come back soon; a later --lease wins.
         w = WorkerProcess(self.url, self.model, self.tmp / f"worker-{name}.log", "--lease", "2", *args,
-                          name=f"worker {name}")
+                          name=f"worker {name}", env=env)
         self.workers.append(w)
         return w.wait_ready() if ready else w
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return run_mlxq(*args, redis_url=self.url, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 60, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        return run_mlxq(*args, redis_url=self.url, timeout=timeout, env=env)
 
-    def submit(self, rows: list, name: str = "in.jsonl") -> str:
+    def submit(self, rows: list, name: str = "in.jsonl", env: Optional[dict] = None) -> str:
         path = write_jsonl(self.tmp / name, rows)
-        out = self.cli("submit", str(path), "--model", str(self.model), "--json")
+        out = self.cli("submit", str(path), "--model", str(self.model), "--json", env=env)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["job_id"]
 
@@ -151,7 +155,7 @@ def test_sigkilled_worker_requests_run_again_on_another(cluster):
     info = cluster.wait_done(job, timeout=100)
     lines = assert_all_completed(cluster, job, total)
     assert all(line["result"]["finish_reason"] == "length" and line["result"]["usage"]["completion_tokens"] == 3000
-               for line in lines), "a re-run request was cut short"
+               for line in lines), ("a re-run request was cut short", [(l["index"], l["result"]["finish_reason"], l["result"]["usage"]) for l in lines])
     attempts = cluster.attempts(job)
     assert max(attempts.values()) == 2, attempts
     assert sum(1 for n in attempts.values() if n == 2) >= 1
@@ -189,11 +193,12 @@ def test_redis_killed_and_restarted_mid_job(cluster):
 
 
 def test_submit_killed_while_sending_loses_no_request(cluster):
-    """``mlxq submit`` killed after storing its job, before it sent every message.
+    """``mlxq submit`` killed after storing its job, before it sent its first window.
 
-    The job stays in the unsent set; once its sender's claim has run out, a
-    worker's lease keeper sends the queued requests. Every request runs once:
-    those whose first message did go out are not run twice.
+    The job stays in its model's unsent set; once its sender's claim has run
+    out, a worker's lease keeper sends the queued requests, a window at a
+    time. Every request runs once: those whose first message did go out are
+    not run twice.
     """
     total = 600
     path = write_jsonl(cluster.tmp / "many.jsonl",
@@ -211,15 +216,41 @@ def test_submit_killed_while_sending_loses_no_request(cluster):
         proc.wait(10)
     sent = r.llen(f"mlxq:{cluster.model}")
     assert sent < total, f"submit sent all {sent} messages before it was killed"
-    assert r.zscore("mlxq:unsent", job) is not None
+    unsent = unsent_key(str(cluster.model))
+    assert r.zscore(unsent, job) is not None
 
-    r.zadd("mlxq:unsent", {job: 0})  # as if its sender's claim (60 s) had run out
+    r.zadd(unsent, {job: 1})  # as if its sender's claim (60 s) had run out
     w = cluster.worker("W")
     cluster.wait_done(job, timeout=240)
     assert_all_completed(cluster, job, total)
     assert cluster.attempts(job) == {i: 1 for i in range(total)}
     assert re.search(rf"job {job}: its sender stopped before sending every request; sent its \d+ queued", w.text())
-    assert r.zcard("mlxq:unsent") == 0
+    assert r.zcard(unsent) == 0
+
+
+def test_a_job_larger_than_the_queue_window_is_sent_as_the_workers_need_it(cluster):
+    """The queue holds a window of messages, not the job: workers send the next ones."""
+    w = cluster.worker("W", "--queue-ahead", "4")
+    total = 30
+    path = write_jsonl(cluster.tmp / "in.jsonl", [{"prompt": f"hi {i}", "max_tokens": 2, "temperature": 0}
+                                                  for i in range(total)])
+    out = cluster.cli("submit", str(path), "--model", str(cluster.model), "--json", "--queue-ahead", "4")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)["job_id"]
+    r, queue = cluster.store.redis, f"mlxq:{cluster.model}"
+    longest = 0
+
+    def ended():
+        nonlocal longest
+        longest = max(longest, r.llen(queue))
+        return cluster.info(job).status is JobStatus.COMPLETED
+
+    wait_until("the job to end", ended, 120, 0.02)
+    assert_all_completed(cluster, job, total)
+    assert cluster.attempts(job) == {i: 1 for i in range(total)}
+    assert longest <= 4, longest
+    assert r.zcard(unsent_key(str(cluster.model))) == 0
+    assert "its sender stopped" not in w.text()
 
 
 # -- 3 ---------------------------------------------------------------------------------------
@@ -359,3 +390,47 @@ def test_retry_reruns_failed_requests_but_not_invalid_ones(cluster):
     out = cluster.cli("retry", "0" * 32)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip() == f"Error: no job {'0' * 32} (unknown, or expired after its retention)"
+
+
+# -- 8 ---------------------------------------------------------------------------------------
+
+
+def skewed_clock(offset: str) -> dict[str, str]:
+    """An environment whose processes see the wall clock ``offset`` off (libfaketime: "+10m",
+    "-10m"); their monotonic clock, which timed waits use, stays true."""
+    found = sorted(glob.glob("/usr/lib/*-linux-gnu/faketime/libfaketime.so.1")
+                   + glob.glob("/usr/lib*/faketime/libfaketime.so.1"))
+    if not found:
+        if sys.platform.startswith("linux"):
+            pytest.fail("the clock-skew test needs libfaketime: apt-get install faketime (.ci/setup does)",
+                        pytrace=False)
+        pytest.skip("libfaketime is a Linux tool here")
+    return clean_env(preload=found[0], FAKETIME=offset, DONT_FAKE_MONOTONIC="1")
+
+
+@pytest.mark.parametrize("lease", [DEFAULT_LEASE, 2.0], ids=["default-lease", "short-lease"])
+def test_clocks_minutes_apart_run_every_request_once(cluster, lease):
+    """One worker's wall clock runs 10 minutes ahead, the submitter's 10 minutes behind.
+
+    Leases and senders' claims are timed by the Redis server's clock, so the
+    fast worker never takes the other's live requests for dead ones, and no
+    worker takes the sender's claim for a dead sender's.
+    """
+    on_time = cluster.worker("on-time", "--lease", f"{lease:g}")
+    ahead = cluster.worker("ahead", "--lease", f"{lease:g}", env=skewed_clock("+10m"))
+    # The clock is off indeed: the worker's heartbeat says by how much.
+    out = cluster.cli("workers", "--json")
+    skews = {w["pid"]: w["clock_skew"] for w in json.loads(out.stdout)}
+    assert abs(skews[on_time.pid]) < 5 and 595 < skews[ahead.pid] < 605, skews
+    total = 24
+    job = cluster.submit(long_rows(total, 400), env=skewed_clock("-10m"))
+    cluster.wait_done(job, timeout=180)
+    assert_all_completed(cluster, job, total)
+    assert cluster.attempts(job) == {i: 1 for i in range(total)}
+    wait_until("the workers to log every task",
+               lambda: on_time.succeeded().count("completed") + ahead.succeeded().count("completed") >= total,
+               30, 0.1)
+    assert on_time.succeeded().count("completed") > 0 and ahead.succeeded().count("completed") > 0
+    logs = on_time.text() + ahead.text()
+    assert "re-queued" not in logs and "running it again" not in logs
+    assert "its sender stopped" not in logs

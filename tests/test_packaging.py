@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {"cancel", "jobs", "models", "render", "results", "retry", "run", "serve", "status", "stream", "submit",
-            "worker"}
+            "worker", "workers"}
 
 # Imports every module of the installed package (MLX and Celery included), then
 # reports where mlxq came from and whether any old top-level name got imported.

@@ -15,7 +15,7 @@ from mlxq.jobs.defaults import DEFAULT_MODEL, KEY_PREFIX
 from mlxq.jobs.errors import JobNotFound, StoreError
 from mlxq.jobs.ingest import parse_line
 from mlxq.jobs.models import ErrorInfo, JobStatus, Output, RequestStatus, ResultLine, Usage
-from mlxq.jobs.store import JobStore, Start
+from mlxq.jobs.store import JobStore, Start, unsent_key
 from mlxq.jobs.urls import mask_url
 
 COUNTS = ("queued", "running", "completed", "failed", "cancelled")
@@ -165,8 +165,8 @@ def test_a_jobs_keys_are_named_as_documented():
 def test_job_keys_expire_after_the_retention(store, redis_client):
     job_id = make_job(store, [{"custom_id": "c", "prompt": "a"}, b"bad"])
     for key in store.keys(job_id).own:
-        if key.endswith((":events", ":attempts")):
-            continue  # not written yet
+        if key.endswith((":events", ":attempts", ":cid")):
+            continue  # not written yet (the custom ids: dropped once the job is stored)
         ttl = redis_client.ttl(key)
         assert store.retention - 5 <= ttl <= store.retention, (key, ttl)
 
@@ -181,7 +181,7 @@ def test_ttl_follows_the_stores_retention_and_is_renewed_at_the_end(redis_client
     assert store.finish(job_id, done(0, "c"))
     assert store.info(job_id).status is JobStatus.COMPLETED
     for key in store.keys(job_id).own:
-        if not key.endswith(":events"):  # nothing was streamed
+        if not key.endswith((":events", ":cid")):  # nothing was streamed; the custom ids are gone
             assert 1230 <= redis_client.ttl(key) <= 1234, key
 
 
@@ -442,16 +442,33 @@ def test_discard_before_finalize(store, redis_client):
 
 def test_a_new_job_is_unsent_until_its_sender_says_so(store, redis_client):
     job_id = make_job(store, prompts(2))
-    deadline = redis_client.zscore(f"{KEY_PREFIX}:unsent", job_id)
-    assert deadline is not None and deadline > time.time() + 30
-    assert store.claim_unsent() == []  # its sender's claim still runs
+    unsent = unsent_key(DEFAULT_MODEL)
+    deadline = redis_client.zscore(unsent, job_id)
+    assert deadline is not None and deadline > store.clock() + 30
+    assert store.claim_unsent(DEFAULT_MODEL) == []  # its sender's claim still runs
+    assert store.claim_unsent("another/model") == []
     store.sending(job_id, grace=0)
-    assert store.claim_unsent(grace=60) == [job_id]
-    assert store.claim_unsent(grace=60) == []  # one claimant at a time
+    assert store.claim_unsent(DEFAULT_MODEL, grace=60) == [(job_id, True)]  # its sender died
+    assert store.claim_unsent(DEFAULT_MODEL, grace=60) == []  # one claimant at a time
+    store.release(job_id, DEFAULT_MODEL, cursor=1)
+    assert store.claim_unsent(DEFAULT_MODEL, grace=60) == [(job_id, False)]  # released: a worker's to send
+    assert store.next_window(job_id, 10) == ([1], 2, 2)
     store.sent(job_id)
-    assert redis_client.zcard(f"{KEY_PREFIX}:unsent") == 0
+    assert redis_client.zcard(unsent) == 0
     store.sending(job_id, grace=0)  # renewing after the end adds nothing back
-    assert redis_client.zcard(f"{KEY_PREFIX}:unsent") == 0
+    assert redis_client.zcard(unsent) == 0
+
+
+def test_a_job_is_sent_a_window_at_a_time_skipping_what_is_not_queued(store):
+    rows = prompts(7)
+    rows[2] = b"bad"
+    job_id = make_job(store, rows)
+    assert store.next_window(job_id, 3) == ([0, 1, 3], 4, 7)
+    store.release(job_id, DEFAULT_MODEL, cursor=4)
+    store.start(job_id, 4)  # a duplicate message got there first
+    assert store.next_window(job_id, 3) == ([5, 6], 7, 7)
+    assert list(store.queued_indices(job_id, sent_only=True)) == [0, 1, 3]
+    assert list(store.queued_indices(job_id)) == [0, 1, 3, 5, 6]
 
 
 def test_model_of(store):

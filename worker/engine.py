@@ -270,7 +270,7 @@ class Engine:
 
         model = self.loaded.model
         if adapter is not None:
-            model = with_adapter(model, adapter, float32=self.loaded.device == "cpu")
+            model = with_adapter(model, adapter, float32=self.loaded.dtype == "float32")
         # The engine itself ends requests (see _collect): end tokens and max_tokens.
         return _Lane(adapter, SlotBatch(model, width=self.width, prefix_cache=self.prefix_cache, namespace=adapter))
 

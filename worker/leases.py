@@ -1,7 +1,8 @@
 """Keep this worker's leases alive, and re-queue the requests of dead workers.
 
-It also sends the messages of jobs whose sender died before sending them
-all (see ``send_orphans``).
+It also sends the next messages of its model's jobs as the model's queue
+runs short, and those of jobs whose sender died before it had sent its
+window (see ``feed``).
 
 A running request holds a lease in Redis. This thread renews the leases of
 the requests its worker runs; a worker killed mid-generation stops renewing,
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Iterable
 
+from mlxq.jobs.defaults import DEFAULT_QUEUE_AHEAD
 from mlxq.jobs.errors import JobNotFound, StoreError
 from mlxq.jobs.models import model_name
 from mlxq.jobs.store import SEND_GRACE, JobStore
@@ -36,6 +39,9 @@ class LeaseKeeper:
         lease: float,
         model: str | None = None,
         send_grace: float = SEND_GRACE,
+        queue: str | None = None,
+        send_window: Callable[[JobStore, str, str, int], int] | None = None,
+        ahead: int = DEFAULT_QUEUE_AHEAD,
     ):
         self.store = store
         self.running = running
@@ -43,8 +49,15 @@ class LeaseKeeper:
         self.lease = lease
         self.model = model
         self.send_grace = send_grace
+        self.queue = queue
+        self.send_window = send_window
+        self.ahead = ahead
         self._redis_was_down = False
-        self.interval = max(0.2, min(lease / 4, 15.0))
+        #: Leases are renewed every quarter of the lease; the keeper looks for lapsed
+        #: leases and unsent jobs more often, so a lapse is seen soon after it happens.
+        self.renew_every = max(0.2, min(lease / 4, 15.0))
+        self.interval = min(self.renew_every, 1.0)
+        self._renewed_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlxq-leases", daemon=True)
 
@@ -60,7 +73,7 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.tick()
-                self.send_orphans()
+                self.feed()
                 if self._redis_was_down:
                     self.resend_queued()
                     self._redis_was_down = False
@@ -69,7 +82,8 @@ class LeaseKeeper:
                 log.warning("lease upkeep failed (will retry): %s", exc)
 
     def resend_queued(self) -> None:
-        """After Redis was unreachable, send every queued request of this model again.
+        """After Redis was unreachable, send every queued request of this model again (those
+        whose message had been sent: the others wait for ``feed``).
 
         Redis's broker transport pops a message before the worker has it: a
         connection lost in between loses the message, and its request would stay
@@ -79,36 +93,55 @@ class LeaseKeeper:
         sent = 0
         for info in self.store.unfinished_jobs():
             if self.model is None or model_name(info.model) == model_name(self.model):
-                sent += self.send(info.job_id, self.store.queued_indices(info.job_id), info.model)
+                sent += self.send(info.job_id, self.store.queued_indices(info.job_id, sent_only=True), info.model)
         if sent:
             log.warning("Redis was unreachable: sent %d queued requests again (duplicates are no-ops)", sent)
 
-    def send_orphans(self) -> int:
-        """Send the queued requests of jobs whose sender died before it had sent them all.
+    def feed(self) -> int:
+        """Send the next messages of this model's jobs while its queue holds less than half
+        of ``ahead`` (the rest of each job waits in the job store, not in the queue).
 
-        ``mlxq submit`` stores a job, then sends its messages; killed in between,
-        it leaves queued requests no message will ever deliver. Such a job stays
-        in the store's unsent set, and once its sender's claim has run out, the
-        first keeper to look claims it and sends them (duplicates are no-ops).
+        This also sends for a job whose sender died before it had sent its first
+        window (``mlxq submit`` killed, or its connection lost): once its claim
+        has run out, the first keeper to look sends from where it stopped.
+        Returns how many it sent.
         """
+        if self.model is None or self.queue is None or self.send_window is None:
+            return 0
+        room = self.ahead - self.store.queue_length(self.queue)
+        if room < self.ahead / 2:
+            return 0
         count = 0
-        for job_id in self.store.claim_unsent(self.send_grace):
+        for job_id, orphaned in self.store.claim_unsent(self.model, self.send_grace):
             try:
                 info = self.store.info(job_id)
             except JobNotFound:  # expired, or discarded
-                self.store.sent(job_id)
+                self.store.sent(job_id, self.model)
                 continue
-            sent = 0
-            if not info.status.terminal:
-                sent = self.send(job_id, self.store.queued_indices(job_id), info.model)
-            self.store.sent(job_id)
+            if info.status.terminal or room <= 0:
+                if info.status.terminal:
+                    self.store.sent(job_id, self.model)
+                else:
+                    self.store.release(job_id, self.model)
+                continue
+            sent = self.send_window(self.store, job_id, info.model, room)
+            room -= sent
             count += sent
-            log.warning("job %s: its sender stopped before sending every request; sent its %d queued requests",
-                        job_id, sent)
+            if orphaned:
+                log.warning("job %s: its sender stopped before sending every request; sent its %d queued requests "
+                            "that had no message yet (the rest follow as the queue runs short)", job_id, sent)
         return count
 
     def tick(self) -> None:
-        self.store.renew(self.running(), self.lease)
+        """Renew this worker's leases when due; re-queue the requests whose lease lapsed.
+
+        Whether a lease lapsed is decided by the Redis server's clock (see
+        :mod:`mlxq.jobs.scripts`), so a worker whose own clock is off never
+        takes a live request for a dead one.
+        """
+        if time.monotonic() - self._renewed_at >= self.renew_every:
+            self.store.renew(self.running(), self.lease)
+            self._renewed_at = time.monotonic()
         for job_id, index in self.store.lapsed():
             if self.store.requeue(job_id, index):
                 model = self.store.model_of(job_id)

@@ -2,7 +2,9 @@
 
 On the CPU the model computes in float32: quantized layers are dequantized and
 half-precision weights upcast at load, because MLX's CPU matmul is fast only in
-float32. On Apple Silicon (Metal) the model keeps its own dtype and quantization.
+float32. On Apple Silicon (Metal) the model keeps its own dtype and quantization;
+``keep_dtype`` does the same on the CPU (slow, but exact: how the tests run the
+Metal configuration on machines without Metal).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Optional, Sequence
 from mlxq.jobs.defaults import MODEL_ALIASES
 from mlxq.jobs.errors import ModelNotFound
 
-__all__ = ["LoadedModel", "resolve_model", "load_model"]
+__all__ = ["LoadedModel", "resolve_model", "load_model", "describe_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,33 @@ def context_length(source: str) -> Optional[int]:
     return int(value) if value else None
 
 
-def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False) -> LoadedModel:
-    """Load ``name`` with mlx-lm; raises :class:`ModelNotFound` in plain words."""
+def describe_dtype(model) -> str:
+    """What the model computes in: ``float32``, or ``4-bit, float16`` for a quantized one
+    (its packed weights are ``uint32``; the float type is that of its scales and other weights)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
+
+    bits = sorted({m.bits for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")})
+    counts: dict[str, int] = {}
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            name = str(value.dtype).replace("mlx.core.", "")
+            counts[name] = counts.get(name, 0) + value.size
+    floats = max(counts, key=counts.get) if counts else "unknown"
+    if not bits:
+        return floats
+    return f"{'/'.join(str(b) for b in bits)}-bit, {floats}"
+
+
+def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu: bool = False,
+               keep_dtype: bool = False) -> LoadedModel:
+    """Load ``name`` with mlx-lm; raises :class:`ModelNotFound` in plain words.
+
+    ``force_cpu`` runs it on the CPU even where Metal is available; ``keep_dtype``
+    keeps its own dtype and quantization there too, as on Metal (no upcast, no
+    dequantization, MLX's own ``exp``).
+    """
+    import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load
 
     source = resolve_model(name, model_dirs)
@@ -96,14 +121,14 @@ def load_model(name: str, model_dirs: Optional[Sequence[str]] = None, force_cpu:
             f"model {name}: cannot load {where} ({type(exc).__name__}: {exc}); "
             "check the name, or download it where there is network access"
         ) from exc
-    if not metal:
+    if not metal and not keep_dtype:
         from .fastmath import patch_model
 
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
         patch_model(model)  # MLX's CPU exp is slow; see worker/fastmath.py
     mx.eval(model.parameters())
-    dtype = str(tree_flatten(model.parameters())[0][1].dtype).replace("mlx.core.", "")
+    dtype = describe_dtype(model)
     context = int(config.get("max_position_embeddings") or 0) if isinstance(config, dict) else 0
     return LoadedModel(
         name=name, source=source, model=model, tokenizer=tokenizer,

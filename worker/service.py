@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
-import socket
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 from celery.exceptions import Reject
 
 from mlxq.jobs.defaults import (
-    DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD,
+    DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from mlxq.jobs.store import JobStore
 
 from .app import app, configure, queue_for
 from .blas import loaded_blas
 from .engine import Engine
+from .heartbeat import Heartbeat, worker_name
 from .leases import LeaseKeeper
 from .model import load_model
 from .publisher import Publisher
 from .runner import Runner, set_runner
-from .tasks import enqueue
+from .tasks import enqueue, send_window
 
 __all__ = ["backlog_for", "serve", "running_worker"]
 
@@ -67,35 +69,51 @@ def _runner(
     concurrency: int,
     model_dirs: Optional[Sequence[str]] = None,
     force_cpu: bool = False,
+    keep_dtype: bool = False,
     on_fatal=_die,
     lease: float = DEFAULT_LEASE,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     time_limit: float = DEFAULT_TIME_LIMIT,
     adapters_dir: Optional[str] = None,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+    name: Optional[str] = None,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    queue_ahead: int = DEFAULT_QUEUE_AHEAD,
 ) -> Iterator[Runner]:
-    """The model loaded and the engine, publisher and lease keeper running; all stopped on the way out."""
+    """The model loaded and the engine, publisher and lease keeper running; all stopped on the way out.
+
+    The worker is listed (``mlxq workers``, as ``name``) from the moment Redis
+    answers, while its model loads too, until it stops.
+    """
     logging.getLogger("celery.app.trace").addFilter(_REJECT_FILTER)  # once: the same filter object
-    loaded = load_model(model, model_dirs, force_cpu=force_cpu)
-    log.info(
-        "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
-        loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency, prefix_cache_mb,
-    )
     store = JobStore.from_url(redis_url)
     store.ping()
-    engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit, adapters_dir=adapters_dir,
-                    prefix_cache_mb=prefix_cache_mb)
-    runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
-    keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model).start()
-    engine.start()
-    set_runner(runner)
+    beat = Heartbeat(store.workers, name or worker_name(f"-{secrets.token_hex(2)}"),
+                     {"model": model, "concurrency": concurrency}, interval=heartbeat).start()
     try:
-        yield runner
+        loaded = load_model(model, model_dirs, force_cpu=force_cpu, keep_dtype=keep_dtype)
+        log.info(
+            "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
+            loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency, prefix_cache_mb,
+        )
+        engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit,
+                        adapters_dir=adapters_dir, prefix_cache_mb=prefix_cache_mb)
+        runner = Runner(store, engine, Publisher(store).start(), enqueue, lease=lease, max_attempts=max_attempts)
+        keeper = LeaseKeeper(store, runner.running, enqueue, lease, model=model, queue=queue_for(model),
+                             send_window=send_window, ahead=queue_ahead).start()
+        engine.start()
+        set_runner(runner)
+        beat.update(state="ready", device=loaded.device, dtype=loaded.dtype, blas=loaded_blas(),
+                    stats=lambda: (len(runner.running()), engine.tokens_generated))
+        try:
+            yield runner
+        finally:
+            engine.stop()
+            keeper.stop()
+            runner.publisher.stop()
+            set_runner(None)
     finally:
-        engine.stop()
-        keeper.stop()
-        runner.publisher.stop()
-        set_runner(None)
+        beat.stop()
 
 
 def serve(
@@ -104,7 +122,7 @@ def serve(
     **options,
 ) -> int:
     """Run a worker in this process until it is told to stop; returns its exit code."""
-    with _runner(redis_url, model, concurrency, **options) as runner:
+    with _runner(redis_url, model, concurrency, name=worker_name(), **options) as runner:
         if visibility_timeout < runner.engine.time_limit:
             log.warning("the visibility timeout (%ss) is shorter than the time limit (%ss): Celery will re-deliver "
                         "long requests (a no-op, but wasted work)", visibility_timeout, runner.engine.time_limit)
@@ -112,7 +130,7 @@ def serve(
         app.conf.worker_send_task_events = events
         worker = app.Worker(
             pool="threads", concurrency=concurrency + backlog_for(concurrency, backlog), queues=[queue_for(model)],
-            loglevel=loglevel, hostname=f"mlxq-{os.getpid()}@{socket.gethostname()}", quiet=True,
+            loglevel=loglevel, hostname=worker_name(), quiet=True,
         )
         worker.start()
     if runner.engine.error is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .app import app, queue_for
 from .runner import current_runner
 
-__all__ = ["generate", "enqueue"]
+__all__ = ["generate", "enqueue", "send_window"]
 
 
 @app.task(name="mlxq.generate", ignore_result=True)
@@ -35,4 +35,17 @@ def enqueue(job_id: str, indices, model: str, store=None) -> int:
                 store.sending(job_id)
     if store is not None:
         store.sent(job_id)
+    return sent
+
+
+def send_window(store, job_id: str, model: str, limit: int) -> int:
+    """Send the next ``limit`` messages of a job sent a window at a time (the caller holds
+    its claim); then give the claim up, or mark the job sent when none is left. Returns
+    how many it sent."""
+    indices, cursor, total = store.next_window(job_id, limit)
+    sent = enqueue(job_id, indices, model) if indices else 0
+    if cursor >= total:
+        store.sent(job_id, model)
+    else:
+        store.release(job_id, model, cursor)
     return sent

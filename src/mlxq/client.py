@@ -2,9 +2,10 @@
 
 The ``mlxq`` command is built on this module (one path for both), and so is
 ``mlxq serve``. The client composes the rooms: it validates and stores with
-:mod:`mlxq.jobs` and sends one Celery message per request with
-:func:`mlxq.worker.tasks.enqueue` (imported when it first sends, so creating a
-client or reading a job imports neither Celery nor MLX).
+:mod:`mlxq.jobs` and sends the first window of its Celery messages (one per
+request) with :func:`mlxq.worker.tasks.send_window` (imported when it first
+sends, so creating a client or reading a job imports neither Celery nor MLX);
+the model's workers send the rest.
 
     from mlxq import Client
 
@@ -23,7 +24,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TextIO, Union
 
-from .jobs.defaults import DEFAULT_MODEL, DEFAULT_REDIS_URL, DEFAULT_RETENTION
+from .jobs.defaults import DEFAULT_MODEL, DEFAULT_QUEUE_AHEAD, DEFAULT_REDIS_URL, DEFAULT_RETENTION
 from .jobs.errors import JobNotFound, StoreError
 from .jobs.events import Event, events_key, parse_entries
 from .jobs.files import Limits, Source, Stored, store_file
@@ -31,6 +32,7 @@ from .jobs.models import JobStatus, RequestStatus, ResultLine
 from .jobs.openai import to_openai
 from .jobs.progress import summary
 from .jobs.store import JobInfo, JobKeys, JobStore
+from .jobs.workers import WorkerInfo
 
 __all__ = ["Client", "Job"]
 
@@ -64,7 +66,8 @@ class Client:
         """Raise :class:`mlxq.StoreError` unless Redis answers."""
         self.store.ping()
 
-    def submit(self, source: Source, model: Optional[str] = None, *, limits: Limits = Limits()) -> "Job":
+    def submit(self, source: Source, model: Optional[str] = None, *, limits: Limits = Limits(),
+               ahead: int = DEFAULT_QUEUE_AHEAD) -> "Job":
         """Validate ``source`` and queue its requests for ``model``; returns the job.
 
         ``source`` is a path to a JSONL file (or a ``.json`` Workers AI batch
@@ -76,11 +79,13 @@ class Client:
         limit, raises :class:`mlxq.InputError` and queues nothing.
 
         ``model`` defaults to ``MLXQ_MODEL``, else ``@cf/qwen/qwen1.5-0.5b-chat``.
+        The first ``ahead`` requests are sent to the model's queue now; the
+        model's workers send the rest as their queue runs short.
         """
         model = model or os.environ.get("MLXQ_MODEL") or DEFAULT_MODEL
         stored = store_file(self.store, source, model, limits)
         job = Job(self, stored.info.job_id, stored)
-        self._send(job.id, self.store.queued_indices(job.id), model, new=True)
+        self._send_window(job.id, model, ahead)
         return job
 
     def job(self, job_id: str) -> "Job":
@@ -90,6 +95,19 @@ class Client:
     def jobs(self, limit: int = 50) -> list[JobInfo]:
         """The newest ``limit`` jobs, newest first."""
         return self.store.list_jobs(limit)
+
+    def workers(self, model: Optional[str] = None) -> list[WorkerInfo]:
+        """The live workers (serving ``model``, if given), from their heartbeats (``mlxq workers``)."""
+        return self.store.workers.live(model)
+
+    def _send_window(self, job_id: str, model: str, limit: int) -> int:
+        """The next ``limit`` messages of a job this client holds the sending claim of."""
+        from .worker.app import configure
+        from .worker.tasks import send_window
+
+        with _sending:
+            configure(self.redis_url)
+            return send_window(self.store, job_id, model, limit)
 
     def _send(self, job_id: str, indices: Iterable[int], model: str, new: bool = False) -> int:
         """One Celery message per request index to ``model``'s queue; ``new`` for a job's first sending."""
@@ -166,11 +184,13 @@ class Job:
         return indices
 
     def resume(self) -> int:
-        """Send the messages an interrupted submit left unsent (``mlxq run --resume``); returns how many."""
-        if not self.store.unsent(self.id):
+        """Send the next window of messages an interrupted submit left unsent (``mlxq run --resume``);
+        returns how many (the model's workers send the rest)."""
+        model = self.status().model
+        if not self.store.unsent(self.id, model):
             return 0
-        self.store.sending(self.id)
-        return self.client._send(self.id, self.store.queued_indices(self.id), self.status().model, new=True)
+        self.store.sending(self.id, model=model)
+        return self.client._send_window(self.id, model, DEFAULT_QUEUE_AHEAD)
 
     # -- results -----------------------------------------------------------
 
@@ -209,12 +229,15 @@ class Job:
             raise JobNotFound(self.id, f"job {self.id} has no request {index}")
         return RequestStatus(state).terminal
 
-    def stream(self, index: Optional[int] = None) -> Iterator[Event]:
+    def stream(self, index: Optional[int] = None,
+               watch: Optional[Callable[[JobInfo], None]] = None) -> Iterator[Event]:
         """The job's events (or request ``index``'s): first those already sent, then live ones, no gap
         and no duplicate, until the job (or the request) has ended.
 
         A request's last event has ``done``; requests with ``"stream": true``
         send their text token by token, the others whole in their last event.
+        ``watch`` is called with the job's state whenever no event came for a
+        second (``mlxq stream`` says then when no worker serves the job).
         """
         last, ending = "0-0", False
         while True:
@@ -229,6 +252,8 @@ class Job:
             if not events:
                 if ending:
                     return
+                if watch is not None:
+                    watch(self.status())
                 ending = self._ended(index)
 
     async def astream(self, index: Optional[int] = None) -> AsyncIterator[Event]:
