@@ -243,12 +243,10 @@ class Job:
         while True:
             # Once it has ended, wait only a moment for the last events (its end is stored first).
             events = self.store.read_events(self.id, last, block_ms=_TAIL_MS if ending else _BLOCK_MS)
-            for ev in events:
-                last = ev.id
-                if index is None or ev.index == index:
-                    yield ev
-                    if index is not None and ev.done:
-                        return
+            last, wanted, finished = _take(events, last, index)
+            yield from wanted
+            if finished:
+                return
             if not events:
                 if ending:
                     return
@@ -283,12 +281,11 @@ class Job:
         try:
             while True:
                 events = await read(last, _TAIL_MS if ending else _BLOCK_MS)
-                for ev in events:
-                    last = ev.id
-                    if index is None or ev.index == index:
-                        yield ev
-                        if index is not None and ev.done:
-                            return
+                last, wanted, finished = _take(events, last, index)
+                for ev in wanted:
+                    yield ev
+                if finished:
+                    return
                 if not events:
                     if ending:
                         return
@@ -297,6 +294,19 @@ class Job:
             raise StoreError(f"Redis at {self.store.where}: {exc}") from exc
         finally:
             await client.aclose()
+
+
+def _take(events: list[Event], last: str, index: Optional[int]) -> tuple[str, list[Event], bool]:
+    """From a batch read after ``last``: the new position, the events a follower of
+    ``index`` (None: every request) sees, and whether its request has ended."""
+    wanted: list[Event] = []
+    for ev in events:
+        last = ev.id
+        if index is None or ev.index == index:
+            wanted.append(ev)
+            if index is not None and ev.done:
+                return last, wanted, True
+    return last, wanted, False
 
 
 class _PlainProgress:
