@@ -11,13 +11,13 @@ from typing import Callable, Optional
 import click
 
 from mlxq.client import Client, Job
-from mlxq.jobs.defaults import DEFAULT_MODEL, DEFAULT_RETENTION
+from mlxq.jobs.defaults import DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB, DEFAULT_RETENTION
 from mlxq.jobs.errors import StoreError
 from mlxq.jobs.models import model_name
 from mlxq.jobs.store import JobInfo, JobStore
 
 __all__ = ["Settings", "pass_settings", "echo_json", "describe", "report_invalid", "start_hint", "no_worker",
-           "WorkerCheck"]
+           "WorkerCheck", "backlog_option", "prefix_cache_option"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class Settings:
 
 pass_settings = click.make_pass_decorator(Settings)
 
+#: The engine's options that ``mlxq worker`` and ``mlxq run`` share.
+backlog_option = click.option(
+    "--backlog", type=click.IntRange(min=0), envvar="MLXQ_BACKLOG", show_default="concurrency/4, at least 2",
+    help="Requests held ready beyond --concurrency, so a row that frees is refilled at once.")
+prefix_cache_option = click.option(
+    "--prefix-cache-mb", type=click.FloatRange(min=0), default=DEFAULT_PREFIX_CACHE_MB, show_default=True,
+    envvar="MLXQ_PREFIX_CACHE_MB",
+    help="Memory for keys and values of prompt prefixes already computed (0 turns the cache off).")
+
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
@@ -52,7 +61,9 @@ def describe(info: JobInfo) -> str:
     return (
         f"job {info.job_id}: {info.status.value} ({info.model})\n"
         f"  total {info.total}  queued {info.queued}  running {info.running}  "
-        f"completed {info.completed}  failed {info.failed}  cancelled {info.cancelled}"
+        f"completed {info.completed}  failed {info.failed}  cancelled {info.cancelled}\n"
+        f"  tokens: {info.tokens} generated, {info.prompt_tokens} prompt"
+        + (f" ({info.cached_tokens}, {info.cached_share:.0%}, from the prefix cache)" if info.prompt_tokens else "")
     )
 
 

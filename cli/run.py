@@ -16,7 +16,7 @@ from mlxq.jobs.defaults import DEFAULT_CONCURRENCY, DEFAULT_MODEL
 from mlxq.jobs.models import model_name
 from mlxq.jobs.urls import mask_url
 
-from .common import Settings, report_invalid
+from .common import Settings, backlog_option, prefix_cache_option, report_invalid
 from .embedded import EmbeddedRedis, default_data_dir
 from .progress import watch
 
@@ -55,6 +55,8 @@ def _embedded(data_dir: Path):
                    "With --resume, the job's own.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY, show_default=True,
               envvar="MLXQ_CONCURRENCY", help="Requests generated at once.")
+@backlog_option
+@prefix_cache_option
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
               envvar="MLXQ_DATA_DIR", show_default="~/.local/share/mlxq", help="Where the embedded Redis keeps its data.")
 @click.option("--embedded", is_flag=True, help="Always use the embedded Redis, even if one answers on localhost.")
@@ -62,7 +64,7 @@ def _embedded(data_dir: Path):
 @click.option("--format", "fmt", type=click.Choice(["mlxq", "openai"]), default="mlxq", show_default=True,
               help="Results format.")
 @click.pass_context
-def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
+def run(ctx, file, output, model, concurrency, backlog, prefix_cache_mb, data_dir, embedded, resume, fmt):
     """Run FILE start to finish: queue it, generate, write the results.
 
     Uses the Redis of --redis-url/MLXQ_REDIS_URL when one is set, else one on
@@ -95,7 +97,7 @@ def run(ctx, file, output, model, concurrency, data_dir, embedded, resume, fmt):
                     and model_name(model) != model_name(info.model)):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
-        with running_worker(url, model, concurrency):
+        with running_worker(url, model, concurrency, backlog, prefix_cache_mb=prefix_cache_mb):
             if resume:
                 # Interrupted while sending: send its queued requests now rather
                 # than after a worker's wait for a dead sender (duplicates are no-ops).

@@ -10,11 +10,11 @@ import click
 
 from mlxq.jobs.defaults import (
     DEFAULT_CONCURRENCY, DEFAULT_HEARTBEAT, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL,
-    DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_AHEAD, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_QUEUE_AHEAD, DEFAULT_TIME_LIMIT, DEFAULT_VISIBILITY_TIMEOUT,
 )
 from mlxq.jobs.urls import mask_url
 
-from .common import Settings, pass_settings
+from .common import Settings, backlog_option, pass_settings, prefix_cache_option
 
 __all__ = ["worker"]
 
@@ -42,11 +42,8 @@ __all__ = ["worker"]
               help="Seconds before the broker re-delivers an unacknowledged message (keep above --time-limit).")
 @click.option("--adapters-dir", type=click.Path(file_okay=False, exists=True), envvar="MLXQ_ADAPTERS_DIR",
               help="Directory of LoRA adapters (mlx-lm format) that requests may name in 'lora'.")
-@click.option("--backlog", type=click.IntRange(min=0), envvar="MLXQ_BACKLOG", show_default="concurrency/4, at least 2",
-              help="Requests held ready beyond --concurrency, so a row that frees is refilled at once.")
-@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=DEFAULT_PREFIX_CACHE_MB, show_default=True,
-              envvar="MLXQ_PREFIX_CACHE_MB",
-              help="Memory for keys and values of prompt prefixes already computed (0 turns the cache off).")
+@backlog_option
+@prefix_cache_option
 @click.option("--events", is_flag=True, envvar="MLXQ_EVENTS",
               help="Send Celery task events, for monitoring with Flower.")
 @click.option("--heartbeat", type=click.FloatRange(min=0.1), default=DEFAULT_HEARTBEAT, show_default=True,

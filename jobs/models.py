@@ -156,6 +156,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: Prompt tokens whose keys and values the worker's prefix cache served (not computed again).
+    cached_tokens: int = 0
 
 
 class ToolCall(BaseModel):

@@ -115,7 +115,9 @@ def to_openai(line: ResultLine, model: str, created: int, job_id: str) -> dict:
     body = {
         "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": r.usage.model_dump(),
+        "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                  "total_tokens": r.usage.total_tokens,
+                  "prompt_tokens_details": {"cached_tokens": r.usage.cached_tokens}},
     }
     out["response"] = {"status_code": 200, "request_id": request_id, "body": body}
     return out

@@ -77,7 +77,8 @@ return 1
 # Records a request's end once.
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 FINISH = _SETTLE + """
-local index, status, line, member, tokens = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local index, status, line, member, tokens, prompt_tokens, cached_tokens =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local s = redis.call('HGET', states, index)
 if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', states, index, status)
@@ -86,6 +87,8 @@ redis.call('HINCRBY', job, s, -1)
 redis.call('HINCRBY', job, status, 1)
 redis.call('ZREM', leases, member)
 redis.call('HINCRBY', job, 'tokens', tokens)
+redis.call('HINCRBY', job, 'prompt_tokens', prompt_tokens)
+redis.call('HINCRBY', job, 'cached_tokens', cached_tokens)
 settle(server_now())
 return 1
 """

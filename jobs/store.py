@@ -149,12 +149,19 @@ class JobInfo:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     tokens: int = 0  # generated so far, over the job's ended requests
+    prompt_tokens: int = 0  # of the completed requests
+    cached_tokens: int = 0  # of those, served by a worker's prefix cache
     #: The Redis server's time when this was read: the clock of the times above.
     now: Optional[float] = field(default=None, compare=False)
 
     @property
     def done(self) -> int:
         return self.completed + self.failed + self.cancelled
+
+    @property
+    def cached_share(self) -> Optional[float]:
+        """The share of the completed requests' prompt tokens that a prefix cache served."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +172,8 @@ class JobInfo:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "counts": {
                 "total": self.total,
                 "queued": self.queued,
@@ -413,8 +422,10 @@ class JobStore:
     @_wrap
     def finish(self, job_id: str, line: ResultLine, pipeline=None) -> bool:
         """Record a request's end once; a second call for it changes nothing."""
-        tokens = line.result.usage.completion_tokens if line.result else 0
-        args = [line.index, line.status.value, line.model_dump_json(), self.member(job_id, line.index), tokens]
+        usage = line.result.usage if line.result else None
+        args = [line.index, line.status.value, line.model_dump_json(), self.member(job_id, line.index),
+                usage.completion_tokens if usage else 0, usage.prompt_tokens if usage else 0,
+                usage.cached_tokens if usage else 0]
         return self._finish(keys=self.keys(job_id), args=args, client=pipeline) == 1
 
     # -- leases -------------------------------------------------------------------
@@ -507,8 +518,8 @@ class JobStore:
             job_id=job_id, status=JobStatus(d["status"]), model=d.get("model", ""),
             created_at=float(d["created_at"]), total=num("total"), queued=num("queued"),
             running=num("running"), completed=num("completed"), failed=num("failed"),
-            cancelled=num("cancelled"), tokens=num("tokens"),
-            started_at=float(d["started_at"]) if "started_at" in d else None,
+            cancelled=num("cancelled"), tokens=num("tokens"), prompt_tokens=num("prompt_tokens"),
+            cached_tokens=num("cached_tokens"), started_at=float(d["started_at"]) if "started_at" in d else None,
             finished_at=float(d["finished_at"]) if "finished_at" in d else None,
             now=seconds + micros / 1e6,
         )

@@ -178,7 +178,7 @@ def _poll(request: Request, request_id: Any) -> Response:
         return JSONResponse(envelope({"status": status, **head}))
     refs = request.app.state.records.refs(job_id)
     responses = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cached_tokens": 0}
     for line in job.results():
         item: dict[str, Any] = {"id": line.index, "result": {}, "success": False,
                                 "external_reference": refs.get(line.index)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from pathlib import Path
 
@@ -125,3 +126,25 @@ def test_cancel_stops_running_and_queued_requests(tmp_path, redis_client, redis_
     # Requests that were generating stopped early, not after 3000 tokens.
     stopped = [line for line in lines if line["status"] == "cancelled" and "while this request ran" in line["error"]["message"]]
     assert stopped, "no running request was stopped"
+
+
+def test_prompt_tokens_served_by_the_prefix_cache_are_reported(tmp_path, redis_client, redis_url, tiny_model, worker):
+    # A system prompt of several cache blocks, new to the worker's cache, before five different questions.
+    system = f"Rules {uuid.uuid4().hex}: " + " ".join(f"rule {i} says be kind and brief." for i in range(30))
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
+             "max_tokens": 3, "temperature": 0} for i in range(5)]
+    final = submit_and_wait(redis_url, tiny_model, write_jsonl(tmp_path / "shared.jsonl", rows))
+    assert final["status"] == "completed"
+    usage = [line["result"]["usage"] for line in results_of(redis_url, final["job_id"])]
+    cached = [u["cached_tokens"] for u in usage]
+    # One request computes the shared blocks; the others copy them (whole 32-token blocks, never the whole prompt).
+    assert sorted(cached)[0] == 0 and all(c > 0 for c in sorted(cached)[1:]), cached
+    assert all(c % 32 == 0 and c < u["prompt_tokens"] for c, u in zip(cached, usage))
+    assert final["cached_tokens"] == sum(cached) and final["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
+
+    out = run_cli(redis_url, "results", final["job_id"], "--format", "openai")
+    details = [json.loads(line)["response"]["body"]["usage"]["prompt_tokens_details"] for line in out.stdout.splitlines()]
+    assert [d["cached_tokens"] for d in details] == cached
+    out = run_cli(redis_url, "status", final["job_id"])
+    share = round(100 * sum(cached) / final["prompt_tokens"])
+    assert f"({sum(cached)}, {share}%, from the prefix cache)" in out.stdout, out.stdout

@@ -103,3 +103,20 @@ def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model,
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [l["status"] for l in lines] == ["completed"] * 5
     assert not store.unsent(info.job_id)
+
+
+def test_run_takes_the_workers_engine_options(tmp_path, tiny_model, redis_url, store):
+    system = " ".join(f"rule {i} says be kind and brief." for i in range(30))
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
+             "max_tokens": 2, "temperature": 0} for i in range(4)]
+    path = write_jsonl(tmp_path / "shared.jsonl", rows)
+
+    def cached(*options):
+        target = tmp_path / "out.jsonl"
+        out = _run(str(path), "--model", str(tiny_model), "--concurrency", "2", "-o", str(target), *options,
+                   redis_url_arg=redis_url)
+        assert out.returncode == 0, out.stderr
+        return [json.loads(l)["result"]["usage"]["cached_tokens"] for l in target.read_text().splitlines()]
+
+    assert cached("--prefix-cache-mb", "0", "--backlog", "0") == [0, 0, 0, 0]
+    assert sum(cached("--prefix-cache-mb", "64", "--backlog", "1")) > 0

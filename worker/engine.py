@@ -68,6 +68,7 @@ class Generation:
     finish_reason: str  # "stop" | "length" | "cancelled" | "timeout"
     seed: int
     tail: str = ""  # the end of ``text`` that no StepEvent carried
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,11 @@ class _Slot:
     sent: int = 0  # characters of text already handed out in StepEvents
     deadline: float = float("inf")
 
-    def generation(self, reason: str) -> Generation:
+    def generation(self, reason: str, cached_tokens: int = 0) -> Generation:
         p = self.handle.prepared
         text = self.detokenizer.text
-        return Generation(text, len(p.tokens), self.generated, reason, p.seed, tail=text[self.sent:])
+        return Generation(text, len(p.tokens), self.generated, reason, p.seed, tail=text[self.sent:],
+                          cached_tokens=cached_tokens)
 
 
 @dataclass(eq=False)
@@ -375,7 +377,7 @@ class Engine:
     def _end(self, lane: "_Lane", uid: int, slot: _Slot, reason: str) -> None:
         slot.detokenizer.finalize()
         lane.spent.add(uid)
-        slot.handle.future.set_result(slot.generation(reason))
+        slot.handle.future.set_result(slot.generation(reason, lane.gen.cached_tokens(uid)))
 
     def _collect(self, responses: list, lane: "_Lane") -> None:
         events: list[StepEvent] = []

@@ -164,6 +164,7 @@ class Runner:
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                cached_tokens=generation.cached_tokens,
             ),
             finish_reason=generation.finish_reason,
         )

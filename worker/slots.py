@@ -155,6 +155,7 @@ class _Row:
     sampler: RowSampler
     processors: Sequence[Callable] = field(default_factory=tuple)
     limit: int = 0  # the most positions the row may need (0: unknown)
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class SlotBatch:
@@ -220,6 +221,10 @@ class SlotBatch:
             self.waiting.append(_Row(uid, list(prompt), 0, sampler, tuple(procs), limit))
             uids.append(uid)
         return uids
+
+    def cached_tokens(self, uid: int) -> int:
+        """Prompt tokens of sequence ``uid`` served by the prefix cache (0 before it is prefilled)."""
+        return next((r.cached for r in self.rows if r.uid == uid), 0)
 
     def close(self) -> None:
         """Drop every sequence and free the cache."""
@@ -395,6 +400,7 @@ class SlotBatch:
                     c.span = None
         for i, (row, n) in enumerate(zip(group, lengths)):
             row.length = n
+            row.cached = len(reused) * block
             if cache is not None:
                 cache.store(self.namespace, row.tokens, n, self.caches, lo + i)
         return True
