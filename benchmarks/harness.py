@@ -151,8 +151,11 @@ class PromptCounter:
         return self.messages([{"role": "user", "content": content}])
 
     def messages(self, messages: list[dict[str, str]]) -> int:
+        return len(self.ids(messages))
+
+    def ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.template.render(messages=messages, add_generation_prompt=True)
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def make_requests(count: int, seed: int, counter: PromptCounter) -> list[dict[str, Any]]:
@@ -361,5 +364,5 @@ def job_results(redis_url: str, job_id: str) -> list[dict[str, Any]]:
     return lines
 
 
-def warm_up_requests() -> list[dict[str, Any]]:
-    return [{"custom_id": f"warm{i}", "prompt": "Say hello.", "max_tokens": 8, "seed": i + 1} for i in range(2)]
+def warm_up_requests(count: int = 2) -> list[dict[str, Any]]:
+    return [{"custom_id": f"warm{i}", "prompt": "Say hello.", "max_tokens": 8, "seed": i + 1} for i in range(count)]

@@ -4,7 +4,7 @@ Usage (with the project's venv)::
 
     .venv/bin/python benchmarks/throughput.py [--shape 0.5b|small] [--requests N] [--json]
         [--width W] [--redis-url URL] [--seed S] [--stock-requests K | --skip-stock]
-        [--torch] [--workload standard|shared-prefix]
+        [--torch] [--workload standard|shared-prefix [--workers N]]
 
 One run measures up to six phases on the same requests (chat prompts of
 ~30-200 tokens, 64-128 new tokens each, temperature 0.6, all derived from
@@ -32,7 +32,10 @@ One run measures up to six phases on the same requests (chat prompts of
 1,000-token system prompt with few-shot examples (a unique ~50-token
 question each, 64 new tokens) end to end twice, with the prefix cache off and
 then on, and reports both rates, their ratio, the prompt tokens the cache
-served and whether the greedy outputs are identical.
+served and whether the greedy outputs are identical. With ``--workers N`` both
+runs use N workers against the one Redis, as several machines would; each
+worker's cache serves only the requests it runs (``cached_tokens_by_worker``,
+``prefix_computations``: how many times the shared prefix was prefilled).
 
 Every phase but e2e runs in a process of its own, so each has its own BLAS
 and peak memory. Tok/s counts generated tokens (the end token included, as
@@ -76,6 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workload", choices=("standard", "shared-prefix"), default="standard",
                         help="standard: the phases above; shared-prefix: 64 greedy requests behind one "
                              "1,000-token system prompt, end to end with the prefix cache on and off")
+    parser.add_argument("--workers", type=_positive, default=1,
+                        help="workers for the shared-prefix workload, each with --width rows (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the requests (default: 0)")
     parser.add_argument("--model-seed", type=int, default=0, help="seed of the model's weights (default: 0)")
     parser.add_argument("--stock-requests", type=_positive, default=4,
@@ -250,20 +255,31 @@ def shared_prefix(args: argparse.Namespace, model_dir: Path, facts: dict[str, in
     """The shared-prefix workload, end to end with the prefix cache off and on (in that order)."""
     with tempfile.TemporaryDirectory(prefix="mlxq-bench-") as tmp:
         workdir = Path(tmp)
-        requests = make_shared_prefix_requests(args.requests, args.seed, PromptCounter(model_dir))
+        counter = PromptCounter(model_dir)
+        requests = make_shared_prefix_requests(args.requests, args.seed, counter)
+        shared = _common_prefix([counter.ids(r["messages"]) for r in requests])
         requests_file = write_jsonl(workdir / "requests.jsonl", requests)
-        off = phase_e2e.run(args, model_dir, requests_file, workdir, ["--prefix-cache-mb", "0"], name="prefix-off")
-        on = phase_e2e.run(args, model_dir, requests_file, workdir, name="prefix-on")
+        off = phase_e2e.run(args, model_dir, requests_file, workdir, ["--prefix-cache-mb", "0"], name="prefix-off",
+                            workers=args.workers)
+        on = phase_e2e.run(args, model_dir, requests_file, workdir, name="prefix-on", workers=args.workers)
     from mlxq.jobs.defaults import DEFAULT_PREFIX_CACHE_MB
+    from mlxq.worker.prefix import PREFIX_BLOCK
 
-    weights_mb = facts["weights_bytes"] / MB
+    weights_mb = facts["weights_bytes"] / MB * args.workers
+    # What one hit of the shared prompt start serves: its whole cache blocks.
+    per_hit = shared // PREFIX_BLOCK * PREFIX_BLOCK
+    cached = on.extra.get("cached_tokens")
     peak, kv_mb = on.extra["peak_rss_mb"], on.extra.get("kv_peak_mb") or 0.0
     report = {
         "workload": "shared-prefix",
         "prefix_on_tok_s": round(on.tok_s, 2),
         "prefix_off_tok_s": round(off.tok_s, 2),
         "prefix_speedup": round(on.tok_s / off.tok_s, 3) if off.tok_s else None,
-        "cached_tokens": on.extra.get("cached_tokens"),
+        "cached_tokens": cached,
+        "cached_tokens_by_worker": on.extra.get("cached_tokens_by_worker"),
+        "shared_prefix_tokens": shared,
+        "prefix_computations": round(on.requests - cached / per_hit, 2) if cached is not None and per_hit else None,
+        "workers": args.workers,
         "prompt_tokens": on.extra["prompt_tokens"],
         "outputs_identical": on.extra["responses"] == off.extra["responses"],
         "requests": on.requests,
@@ -282,15 +298,26 @@ def shared_prefix(args: argparse.Namespace, model_dir: Path, facts: dict[str, in
         "seed": args.seed,
         "loadavg_1m_at_start": args.loadavg,
     }
-    print(f"model {args.shape}, width {args.width}, shared-prefix workload ({on.requests} requests, "
+    print(f"model {args.shape}, width {args.width}, {args.workers} worker(s), shared-prefix workload "
+          f"({on.requests} requests, {shared}-token shared prefix, "
           f"{on.extra['prompt_tokens']} prompt tokens, {on.tokens} generated)\n"
           f"prefix cache off: {off.tok_s:.2f} tok/s ({off.seconds:.1f} s); on: {on.tok_s:.2f} tok/s "
-          f"({on.seconds:.1f} s): {report['prefix_speedup']}x; {report['cached_tokens']} prompt tokens from the "
-          f"cache; greedy outputs identical: {report['outputs_identical']}\n"
+          f"({on.seconds:.1f} s): {report['prefix_speedup']}x; {cached} prompt tokens from the cache "
+          f"(by worker {report['cached_tokens_by_worker']}: the prefix computed {report['prefix_computations']} "
+          f"times); greedy outputs identical: {report['outputs_identical']}\n"
           f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} + KV cache {kv_mb} "
           f"+ prefix cache {report['prefix_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     return report
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
