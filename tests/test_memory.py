@@ -52,3 +52,48 @@ def test_a_worker_process_uses_at_most_two_malloc_arenas():
 
 def test_the_users_malloc_arena_max_wins():
     assert _arenas("limit", MALLOC_ARENA_MAX="4")[0] == "False"
+
+
+# Allocates and fills three 11 MB blocks, then frees them, five times (from a
+# thread, as MLX's stream allocates a prefill chunk's activations), then prints
+# the page faults of the last four rounds.
+REUSE_PROBE = textwrap.dedent("""
+    import ctypes, resource, sys, threading
+    from mlxq.worker.memory import limit_malloc_arenas, reuse_freed_memory
+    limit_malloc_arenas()
+    print(reuse_freed_memory() if sys.argv[1] == "reuse" else None)
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, faults = 11 * 2**20, []
+    def work():
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            blocks = [libc.malloc(size) for _ in range(3)]
+            for block in blocks:
+                ctypes.memset(block, 1, size)
+            for block in blocks:
+                libc.free(block)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    print(sum(faults[1:]))
+""")
+
+
+def _faults(mode: str, **env) -> tuple[str, int]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    first, count = out.stdout.split()
+    return first, int(count)
+
+
+def test_a_worker_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    pages = 3 * 11 * 2**20 // os.sysconf("SC_PAGE_SIZE")  # a round's
+    first, faults = _faults("reuse")
+    assert first == "True" and faults < pages // 10, faults  # the blocks' pages stay mapped
+    assert _faults("none")[1] >= 3 * pages  # glibc's defaults: given back and faulted in again
+    assert _faults("reuse", MALLOC_TRIM_THRESHOLD_="0")[0] == "False"  # the user's setting wins
