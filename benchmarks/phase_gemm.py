@@ -47,6 +47,10 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
 
 
 def measure(opts: argparse.Namespace) -> dict[str, Any]:
+    from mlxq.worker.memory import limit_malloc_arenas, reuse_freed_memory
+
+    limit_malloc_arenas()  # as the worker's process does
+    reuse_freed_memory()
     import mlx.core as mx
 
     mx.set_default_device(mx.cpu)

@@ -4,8 +4,8 @@ The first ``--width`` requests are prefilled into a slot batch (the worker's
 engine: OpenBLAS preloaded, float32, the compiled SiLU), which then decodes
 ``STEPS`` steps at the standard workload's temperature. Timed apart, on the
 same rows: the whole step (``decode_step_ms``), the model's forward pass alone
-(``decode_forward_ms``), attention alone (MLX's fused kernel on every layer's
-keys and values, ``decode_attention_ms``) and sampling (``decode_sampling_ms``).
+(``decode_forward_ms``), attention alone (as the step runs it, on every
+layer's keys and values, ``decode_attention_ms``) and sampling (``decode_sampling_ms``).
 The matmuls' share is set against the gemm phase's rate at the same width.
 """
 
@@ -30,12 +30,16 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
 
 
 def measure(opts: argparse.Namespace) -> dict[str, Any]:
+    from mlxq.worker.memory import limit_malloc_arenas, reuse_freed_memory
+
+    limit_malloc_arenas()  # as the worker's process does
+    reuse_freed_memory()
     import mlx.core as mx
     import numpy as np
 
     from mlxq.worker.model import load_model
     from mlxq.worker.sampling import make_request_sampler, sample
-    from mlxq.worker.slots import SlotBatch
+    from mlxq.worker.slots import SlotBatch, slot_attention
 
     loaded = load_model(str(opts.model_dir), force_cpu=True)
     model = loaded.model
@@ -59,28 +63,24 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     step_ms = timed(batch.next)
 
     def forward():
-        offset = mx.array([r.length for r in rows], dtype=mx.int32)
-        longest = max(r.length for r in rows) + 1
-        for c in batch.caches:
-            c.offset, c._fetch = offset, longest
-        logits = model(mx.array([[r.tokens[-1]] for r in rows]), cache=batch.caches)[:, -1, :]
+        logits = batch.forward()
         mx.eval(logits)
         return logits
 
     forward_ms = timed(forward)
     logits = forward()
     sampling_ms = timed(lambda: sample(np.array(logits, copy=False), [r.sampler for r in rows]))
-    fetch = max(r.length for r in rows) + 1
-    first = model.layers[0].self_attn
-    heads, head_dim = first.n_heads, batch.caches[0].keys.shape[-1]
+    # Attention as the step runs it (slot_attention, over the caches as forward left them).
+    first = batch.caches[0]
+    fetch = first._fetch
+    heads, head_dim = model.layers[0].self_attn.n_heads, first.keys.shape[-1]
     queries = mx.random.normal((len(rows), heads, 1, head_dim))
-    mask = (mx.arange(fetch)[None, :] <= mx.array([r.length for r in rows])[:, None])[:, None, None, :]
+    mask = first.make_mask(1)
     mx.eval(queries, mask)
 
     def attention():
-        mx.eval([mx.fast.scaled_dot_product_attention(queries, c.keys[:len(rows), :, :fetch],
-                                                      c.values[:len(rows), :, :fetch], scale=head_dim ** -0.5,
-                                                      mask=mask) for c in batch.caches])
+        mx.eval([slot_attention(queries, c.keys[:len(rows), :, :fetch], c.values[:len(rows), :, :fetch], cache=c,
+                                scale=head_dim ** -0.5, mask=mask) for c in batch.caches])
 
     attention_ms = timed(attention)
     return {"requests": len(rows), "tokens": 0, "seconds": step_ms / 1000, "blas": mapped_blas(),

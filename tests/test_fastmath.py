@@ -41,8 +41,11 @@ def test_a_loaded_cpu_model_uses_them(tiny_model):
 
     module = sys.modules[type(loaded.model).__module__]
     assert module.swiglu is swiglu
-    # Attention stays mlx-lm's: MLX's fused kernel (mx.fast.scaled_dot_product_attention).
-    assert module.scaled_dot_product_attention is mlx_lm_attention
+    # Attention stays MLX's fused kernel (mx.fast.scaled_dot_product_attention): mlx-lm's, or
+    # slot_attention once a slot batch ran the model (the same kernel, a group of rows at a time).
+    from mlxq.worker.slots import slot_attention
+
+    assert module.scaled_dot_product_attention in (mlx_lm_attention, slot_attention)
     assert patch_model(loaded.model) == []  # a second time changes nothing
 
 

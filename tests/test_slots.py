@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlxq.worker.model import load_model
 from mlxq.worker.sampling import RowSampler, make_request_processors, sample
-from mlxq.worker.slots import LENGTH_BLOCK, SlotBatch
+from mlxq.worker.slots import ATTENTION_ROWS, LENGTH_BLOCK, SlotBatch
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,28 @@ def test_greedy_tokens_equal_mlx_lm_through_joins_and_leaves(loaded):
     batch = SlotBatch(model, width=5, prefill_tokens=300)
     assert _run(batch, prompts, [RowSampler(0.0) for _ in prompts], lengths) == expected
     assert batch.nbytes == 0  # an empty batch holds no cache
+
+
+def test_decode_attention_reads_each_group_of_rows_only_as_far_as_it_needs(loaded):
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 3 * ATTENTION_ROWS)
+    expected = [_stock_greedy(model, p, 6) for p in prompts]
+    batch = SlotBatch(model, width=len(prompts), prefill_tokens=10_000)
+    uids = batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    got = {u: [] for u in uids}
+    for _ in range(40):
+        steps = batch.next()
+        for step in steps:
+            got[step.uid].append(step.token)
+        if steps:
+            groups = batch.caches[0].groups
+            assert len(groups) == 3 and [hi - lo for lo, hi, _ in groups] == [ATTENTION_ROWS] * 3
+            for lo, hi, fetch in groups:  # the step read up to the new token of its longest row
+                assert fetch == max(r.length for r in batch.rows[lo:hi])
+            assert len({fetch for _, _, fetch in groups}) > 1  # neighbours are of similar length
+        if all(len(t) >= 6 for t in got.values()):
+            break
+    assert [got[u][:6] for u in uids] == expected
 
 
 def test_seeded_rows_are_the_same_alone_and_beside_others(loaded):

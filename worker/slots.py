@@ -15,7 +15,13 @@ that grows with the batch.
 
 The batch runs mlx-lm models unchanged: a layer's cache is a
 :class:`SlotKVCache`, which offers what their attention uses (``offset``,
-``update_and_fetch``, ``make_mask``, ``state``). Sampling is NumPy's
+``update_and_fetch``, ``make_mask``, ``state``). In a decode step, attention
+reads each group of :data:`ATTENTION_ROWS` neighbouring rows only up to the
+longest of them, not every row up to the longest in the batch
+(:func:`slot_attention`, which takes the place of mlx-lm's
+``scaled_dot_product_attention`` in the model's module): rows are prefilled
+in order of length, so neighbours are of similar length, and decode attention
+is bound by reading the cache. Sampling is NumPy's
 (:mod:`mlxq.worker.sampling`), for all rows at once. New rows copy the keys and values
 of prompt prefixes already computed from the prefix cache (:mod:`mlxq.worker.prefix`)
 and prefill only the rest.
@@ -26,13 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, List, Optional, Sequence
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 
-__all__ = ["SlotBatch", "SlotKVCache", "Step"]
+__all__ = ["SlotBatch", "SlotKVCache", "Step", "slot_attention"]
 
 #: Token positions a row's cache grows by.
 LENGTH_BLOCK = 32
@@ -45,13 +53,17 @@ PREFILL_CHUNK = 512
 PREFILL_TOKENS = 1024
 #: Tokens of a row's history the penalty processors see (mlx-lm's use the last 20).
 PENALTY_CONTEXT = 256
+#: Rows whose decode attention reads the cache up to the longest of them (0.5B shape,
+#: 64 rows of 42-200 tokens: a step 5% faster than reading all up to the longest).
+ATTENTION_ROWS = 8
 
 
 class SlotKVCache:
     """One layer's keys and values: a row per sequence, each at its own length.
 
-    :class:`SlotBatch` sets ``offset`` (each active row's length, an array)
-    and ``_fetch`` (the longest row after this step) before a decode step.
+    :class:`SlotBatch` sets ``offset`` (each active row's length, an array),
+    ``_fetch`` (the longest row after this step) and ``groups`` (row ranges
+    and the longest of each, for :func:`slot_attention`) before a decode step.
     """
 
     def __init__(self) -> None:
@@ -59,6 +71,7 @@ class SlotKVCache:
         self.values: Optional[mx.array] = None
         self.offset: Optional[mx.array] = None
         self._fetch = 0
+        self.groups: list[tuple[int, int, int]] = []  # (first row, end row, positions to read)
         #: While prefilling: rows ``lo:hi`` take positions from ``start`` on.
         self.span: Optional[tuple[int, int, int]] = None
 
@@ -139,6 +152,31 @@ class SlotKVCache:
         mx.eval(self.keys, self.values)  # one layer at a time: the old one is freed next
 
 
+def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx.array], sinks=None) -> mx.array:
+    """mlx-lm's ``scaled_dot_product_attention``; for a slot cache's decode step, one
+    fused attention per group of rows, each reading the cache only as far as it needs."""
+    if not isinstance(cache, SlotKVCache) or cache.span is not None or len(cache.groups) < 2 or sinks is not None:
+        from mlx_lm.models.base import scaled_dot_product_attention
+
+        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    return mx.concatenate([
+        mx.fast.scaled_dot_product_attention(
+            queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch], scale=scale,
+            mask=mask[lo:hi, ..., :fetch],
+        )
+        for lo, hi, fetch in cache.groups
+    ])
+
+
+def _use_slot_attention(model) -> None:
+    """Put :func:`slot_attention` in place of mlx-lm's in the module of ``model``'s class."""
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    module = sys.modules.get(type(model).__module__)
+    if getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention:
+        module.scaled_dot_product_attention = slot_attention
+
+
 @dataclass(frozen=True)
 class Step:
     """The token one sequence got in one decode step."""
@@ -181,6 +219,7 @@ class SlotBatch:
             if not all(type(c) is KVCache for c in model.make_cache()):
                 raise ValueError("this model's layers need special caches; only plain KV caches are batched")
         self.model = model
+        _use_slot_attention(model)
         self.width = width
         self.prefill_tokens = prefill_tokens
         #: Keys and values of prompts prefilled before, shared with other batches
@@ -426,15 +465,7 @@ class SlotBatch:
         if self._prefill() or not self.rows:
             return []
         rows = self.rows
-        n = len(rows)
-        longest = max(r.length for r in rows) + 1
-        self._ensure(n, longest)
-        offset = mx.array([r.length for r in rows], dtype=mx.int32)
-        for c in self.caches:
-            c.offset = offset
-            c._fetch = longest
-        inputs = mx.array([[r.tokens[-1]] for r in rows])
-        logits = self.model(inputs, cache=self.caches)[:, -1, :]
+        logits = self.forward()
         if any(r.processors for r in rows):
             logits = self._process(logits, rows)
         samplers = [r.sampler for r in rows]
@@ -451,6 +482,20 @@ class SlotBatch:
             row.tokens.append(token)
             steps.append(Step(row.uid, token))
         return steps
+
+    def forward(self) -> mx.array:
+        """The logits of a decode step of every row (``rows x vocabulary``, not evaluated)."""
+        rows = self.rows
+        lengths = [r.length for r in rows]
+        longest = max(lengths) + 1
+        self._ensure(len(rows), longest)
+        offset = mx.array(lengths, dtype=mx.int32)
+        groups = [(lo, min(lo + ATTENTION_ROWS, len(rows)), max(lengths[lo:lo + ATTENTION_ROWS]) + 1)
+                  for lo in range(0, len(rows), ATTENTION_ROWS)]
+        for c in self.caches:
+            c.offset, c._fetch, c.groups = offset, longest, groups
+        inputs = mx.array([[r.tokens[-1]] for r in rows])
+        return self.model(inputs, cache=self.caches)[:, -1, :]
 
     @staticmethod
     def _process(logits: mx.array, rows: List[_Row]) -> mx.array:
