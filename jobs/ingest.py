@@ -43,6 +43,17 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: One decoder for every line (``json.loads`` with an option builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def _loads(text: str) -> object:
+    """``json.loads(text, parse_constant=_no_constant)``, with one decoder."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
+
+
 # Union members that pydantic names in an error's path; they are not fields.
 _UNION_MEMBERS = {"FunctionTool", "Tool"}
 
@@ -84,7 +95,7 @@ def parse_line(raw: bytes, lineno: int, index: int) -> Line:
     except UnicodeDecodeError as exc:
         return _bad(index, lineno, where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = _loads(text)
     except RecursionError:
         return _bad(index, lineno, where, "not valid JSON: nested too deeply")
     except ValueError as exc:
