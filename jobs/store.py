@@ -8,7 +8,8 @@ The keys of job ``J`` are :class:`JobKeys` (they expire after the retention):
 - ``mlxq:job:J:state``    ``states``: hash: index -> request status; a queued request has
                           none (absent means queued, below the job's total)
 - ``mlxq:job:J:res``      ``results``: hash: index -> result line (JSON), once the request ended
-- ``mlxq:job:J:req``      ``requests``: hash: index -> the validated request (JSON)
+- ``mlxq:job:J:req``      ``requests``: hash: index -> the request, as JSON with its custom_id
+                          (:func:`stored_request`)
 - ``mlxq:job:J:cid``      ``custom_ids``: hash: custom_id -> index (duplicate detection)
 - ``mlxq:job:J:events``   ``events``: stream: partial results (see :mod:`mlxq.jobs.events`)
 - ``mlxq:job:J:attempts`` ``attempts``: hash: index -> times the request started
