@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Optional, Union
 from .defaults import DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_TOTAL_TOKENS
 from .errors import InputError
 from .ingest import Line, read_objects, read_requests
-from .store import JobInfo, JobStore
+from .store import Entry, JobInfo, JobStore
 
 __all__ = ["Limits", "Source", "Tally", "Stored", "source_name", "read_file", "store_file"]
 
@@ -155,16 +155,16 @@ def store_file(store: JobStore, source: Source, model: str, limits: Limits = Lim
     """Store every request of ``source`` under a new job for ``model``, queued; nothing is left when refused."""
     job_id = store.new_job_id()
     tally = Tally(source_name(source))
-    batch: list[Line] = []
+    batch: list[Entry] = []
 
     def flush() -> None:
-        for line, error in zip(batch, store.add_lines(job_id, batch)):
+        for error in store.add_entries(job_id, batch):
             tally.add(error)
         batch.clear()
 
     try:
         for line in read_file(source, limits):
-            batch.append(line)
+            batch.append(Entry.of(line))
             if len(batch) >= _BATCH:
                 flush()
         flush()

@@ -34,10 +34,24 @@ class Line:
     request: Optional[Request] = None
     error: Optional[str] = None
     explicit_id: bool = False
+    #: The line's own JSON when it is the request as validated (the seed's form, read from a
+    #: file), else None: the job store keeps these bytes rather than serialising the request.
+    raw: Optional[bytes] = None
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: One decoder for every line (``json.loads`` with an option builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def _loads(text: str) -> object:
+    """``json.loads(text, parse_constant=_no_constant)``, with one decoder."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 # Union members that pydantic names in an error's path; they are not fields.
@@ -81,12 +95,12 @@ def parse_line(raw: bytes, lineno: int, index: int) -> Line:
     except UnicodeDecodeError as exc:
         return _bad(index, lineno, where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = _loads(text)
     except RecursionError:
         return _bad(index, lineno, where, "not valid JSON: nested too deeply")
     except ValueError as exc:
         return _bad(index, lineno, where, f"not valid JSON: {exc}")
-    return parse_object(obj, lineno, index, where)
+    return parse_object(obj, lineno, index, where, raw)
 
 
 def _bad(index: int, lineno: int, where: str, message: str, custom_id: Optional[str] = None) -> Line:
@@ -94,8 +108,12 @@ def _bad(index: int, lineno: int, where: str, message: str, custom_id: Optional[
                 explicit_id=custom_id is not None)
 
 
-def parse_object(obj: object, lineno: int, index: int, where: str) -> Line:
-    """Validate one decoded request: Workers AI's form, or an OpenAI batch line."""
+def parse_object(obj: object, lineno: int, index: int, where: str, raw: Optional[bytes] = None) -> Line:
+    """Validate one decoded request: Workers AI's form, or an OpenAI batch line.
+
+    ``raw`` is the JSON ``obj`` was decoded from, if any: a valid line in the
+    seed's form keeps it (:attr:`Line.raw`).
+    """
     if not isinstance(obj, dict):
         return _bad(index, lineno, where, f"expected a JSON object, got {_json_type(obj)}")
     cid = obj.get("custom_id")
@@ -105,6 +123,7 @@ def parse_object(obj: object, lineno: int, index: int, where: str) -> Line:
             obj = from_openai(obj)
         except ValueError as exc:
             return _bad(index, lineno, where, str(exc), custom_id)
+        raw = None  # the request is the mapped body, not the line
     if "image" in obj:
         return _bad(index, lineno, where, "field 'image': this model is text-only; images are not accepted", custom_id)
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
@@ -119,7 +138,7 @@ def parse_object(obj: object, lineno: int, index: int, where: str) -> Line:
         return _bad(index, lineno, where, _explain(exc), custom_id)
     except RecursionError:
         return _bad(index, lineno, where, "nested too deeply", custom_id)
-    return Line(index, lineno, custom_id or str(lineno), request=request, explicit_id=custom_id is not None)
+    return Line(index, lineno, custom_id or str(lineno), request=request, explicit_id=custom_id is not None, raw=raw)
 
 
 def _json_type(obj: object) -> str:
@@ -193,7 +212,11 @@ def read_lines(fp: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
 
 
 def repeated_id(line: Line, first: int) -> str:
-    """The error of a line whose ``custom_id`` repeats that of request ``first`` (the later line fails)."""
+    """The error of a line whose ``custom_id`` repeats that of request ``first`` (the later line fails).
+
+    ``line`` is a :class:`Line`, or anything with its ``lineno``, ``custom_id`` and ``explicit_id``
+    (the store's :class:`~mlxq.jobs.store.Entry`).
+    """
     why = "" if line.explicit_id else " (its line number, as it gives none)"
     return f"line {line.lineno}: field 'custom_id': {line.custom_id!r}{why} repeats the id of request {first}"
 

@@ -7,7 +7,10 @@ DUE take one sorted set. A lease member is ``JOB:INDEX``; its score is the time
 (Unix seconds) at which it lapses unless the worker running the request renews
 it.
 Statuses are the values of :class:`~mlxq.jobs.models.JobStatus` and
-:class:`~mlxq.jobs.models.RequestStatus`.
+:class:`~mlxq.jobs.models.RequestStatus`. A queued request has no field in the
+job's ``states`` hash (so a queued request costs no state): absent means queued,
+for an index below the job's ``total``; the others are ``running``,
+``completed``, ``failed``, ``cancelled``.
 
 One clock: every time a script stores or compares (a lease's lapse, a
 sender's claim, ``started_at``...) is the Redis server's, read with ``TIME``
@@ -31,6 +34,15 @@ _JOB_KEYS = _NOW + """
 local job, states, results, requests, custom_ids, events, attempts, leases =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local own = {job, states, results, requests, custom_ids, events, attempts}
+
+-- A key the job's scripts create after the job was stored (states, results,
+-- attempts) expires when the job's hash does.
+local function expire_with_job(key)
+  if redis.call('PTTL', key) == -1 then
+    local ttl = redis.call('PTTL', job)
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  end
+end
 """
 
 # Settles the job when every request has ended: completed, or cancelled when
@@ -48,41 +60,47 @@ end
 
 # Claims request `index` for a worker under a lease.
 # Returns 1: queued -> running, run it; 2: it was running under a lapsed lease
-# (its worker died), take it over; 0: do not run it (ended, cancelled, or live
-# on another worker: a duplicate delivery); -1: no such job; -2: it has used up
-# its attempts (the caller records the failure).
+# (its worker died), take it over; 0: do not run it (ended, cancelled, live on
+# another worker: a duplicate delivery, or no such index); -1: no such job;
+# -2: it has used up its attempts (the caller records the failure).
 START = _JOB_KEYS + """
 local index, lease, max_attempts, member = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = server_now()
-local st = redis.call('HGET', job, 'status')
+local j = redis.call('HMGET', job, 'status', 'total')
+local st = j[1]
 if not st then return -1 end
 if st == 'cancelling' or st == 'cancelled' then return 0 end
 local s = redis.call('HGET', states, index)
 if s == 'running' then
   local lapses = redis.call('ZSCORE', leases, member)
   if lapses and tonumber(lapses) > now then return 0 end
-elseif s ~= 'queued' then
+elseif s or tonumber(index) < 0 or tonumber(index) >= tonumber(j[2]) then
   return 0
 end
 if redis.call('HINCRBY', attempts, index, 1) > max_attempts then return -2 end
 redis.call('ZADD', leases, now + lease, member)
+expire_with_job(attempts)
 if s == 'running' then return 2 end
 redis.call('HSET', states, index, 'running')
+expire_with_job(states)
 redis.call('HINCRBY', job, 'queued', -1)
 redis.call('HINCRBY', job, 'running', 1)
 if st == 'queued' then redis.call('HSET', job, 'status', 'running', 'started_at', now) end
 return 1
 """
 
-# Records a request's end once.
+# Records a request's end once (a request START took: running, or queued when
+# it used up its attempts).
 # Returns 1 when recorded, 0 when the request had already ended (no change).
 FINISH = _SETTLE + """
 local index, status, line, member, tokens, prompt_tokens, cached_tokens =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local s = redis.call('HGET', states, index)
+local s = redis.call('HGET', states, index) or 'queued'
 if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', states, index, status)
 redis.call('HSET', results, index, line)
+expire_with_job(states)
+expire_with_job(results)
 redis.call('HINCRBY', job, s, -1)
 redis.call('HINCRBY', job, status, 1)
 redis.call('ZREM', leases, member)
@@ -96,17 +114,15 @@ return 1
 # Queued requests become cancelled; the job is cancelling while a request
 # still runs, else cancelled. Returns the job's status, or nil.
 CANCEL = _SETTLE + """
-local st = redis.call('HGET', job, 'status')
+local c = redis.call('HMGET', job, 'status', 'total')
+local st = c[1]
 if not st then return nil end
 if st == 'completed' or st == 'cancelled' then return st end
-local all = redis.call('HGETALL', states)
 local n = 0
-for i = 1, #all, 2 do
-  if all[i + 1] == 'queued' then
-    redis.call('HSET', states, all[i], 'cancelled')
-    n = n + 1
-  end
+for i = 0, tonumber(c[2]) - 1 do
+  n = n + redis.call('HSETNX', states, tostring(i), 'cancelled')  -- only the queued: they have no state
 end
+expire_with_job(states)
 if n > 0 then
   redis.call('HINCRBY', job, 'queued', 0 - n)
   redis.call('HINCRBY', job, 'cancelled', n)
@@ -135,7 +151,7 @@ if redis.call('HGET', job, 'status') == 'cancelling' then
   settle(now)
   return 2
 end
-redis.call('HSET', states, index, 'queued')
+redis.call('HDEL', states, index)
 redis.call('HINCRBY', job, 'queued', 1)
 return 1
 """
@@ -152,7 +168,7 @@ for i = 1, #all, 2 do
   if all[i + 1] == 'failed' then
     local line = cjson.decode(redis.call('HGET', results, all[i]))
     if type(line.error) ~= 'table' or line.error.code ~= 'invalid_request' then
-      redis.call('HSET', states, all[i], 'queued')
+      redis.call('HDEL', states, all[i])
       redis.call('HDEL', results, all[i])
       redis.call('HDEL', attempts, all[i])
       table.insert(out, all[i])

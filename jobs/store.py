@@ -5,9 +5,11 @@ The keys of job ``J`` are :class:`JobKeys` (they expire after the retention):
 - ``mlxq:job:J``          ``job``: hash: status, model, created_at, started_at,
                           finished_at, retention, tokens, total and one count per
                           request status
-- ``mlxq:job:J:state``    ``states``: hash: index -> request status
+- ``mlxq:job:J:state``    ``states``: hash: index -> request status; a queued request has
+                          none (absent means queued, below the job's total)
 - ``mlxq:job:J:res``      ``results``: hash: index -> result line (JSON), once the request ended
-- ``mlxq:job:J:req``      ``requests``: hash: index -> the validated request (JSON)
+- ``mlxq:job:J:req``      ``requests``: hash: index -> the request, as JSON with its custom_id
+                          (:func:`stored_request`)
 - ``mlxq:job:J:cid``      ``custom_ids``: hash: custom_id -> index (duplicate detection)
 - ``mlxq:job:J:events``   ``events``: stream: partial results (see :mod:`mlxq.jobs.events`)
 - ``mlxq:job:J:attempts`` ``attempts``: hash: index -> times the request started
@@ -47,7 +49,7 @@ from .models import ErrorInfo, JobStatus, Request, RequestStatus, ResultLine, mo
 from .urls import mask_url
 from .workers import WorkerRegistry
 
-__all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "connect", "stored_request", "unsent_key"]
+__all__ = ["JobStore", "JobInfo", "JobKeys", "Start", "Entry", "connect", "stored_request", "unsent_key"]
 
 _CHUNK = 1000
 LEASES = f"{KEY_PREFIX}:leases"
@@ -61,12 +63,41 @@ def unsent_key(model: str) -> str:
     return f"{KEY_PREFIX}:unsent:{model_name(model)}"
 
 
-def stored_request(line: Line) -> str:
-    """A valid line as the job store keeps it: the validated request as JSON, with its custom_id."""
+def stored_request(line: Line) -> bytes:
+    """A valid line as the job store keeps it: JSON that loads back to its request, with its custom_id.
+
+    A line in the seed's form is kept as it was read; when it gives no id (or
+    ``null``), its line number is appended as ``custom_id`` (of a repeated key,
+    JSON readers take the last). Other requests are serialised.
+    """
+    if line.raw is not None:
+        if line.explicit_id:
+            return line.raw
+        return line.raw.rstrip()[:-1] + b',"custom_id":' + json.dumps(line.custom_id).encode() + b"}"
     body = line.request.model_dump_json(exclude_none=True)
     if line.request.custom_id is None:  # an implicit id (the line number) is stored too
         body = '{"custom_id":' + json.dumps(line.custom_id) + ("," + body[1:] if body != "{}" else "}")
-    return body
+    return body.encode()
+
+
+class Entry(NamedTuple):
+    """A parsed line as :meth:`JobStore.add_entries` stores it.
+
+    Plain values only: a batch of entries holds no request objects, which
+    would keep Python's garbage collector busy while a big file is stored.
+    """
+
+    index: int
+    lineno: int
+    custom_id: str
+    explicit_id: bool
+    body: Optional[bytes]  #: the request as stored (:func:`stored_request`); None for an invalid line
+    error: Optional[str]
+
+    @classmethod
+    def of(cls, line: Line) -> "Entry":
+        body = stored_request(line) if line.request is not None else None
+        return cls(line.index, line.lineno, line.custom_id, line.explicit_id, body, line.error)
 
 
 def connect(url: str) -> redis.Redis:
@@ -249,56 +280,57 @@ class JobStore:
         seconds, micros = self.redis.time()
         return seconds + micros / 1e6
 
-    @_wrap
     def add_lines(self, job_id: str, lines: list[Line]) -> list[Optional[str]]:
-        """Store a batch of parsed lines; returns the error each line failed with (None: valid).
+        """Store a batch of parsed lines; returns the error each line failed with (None: valid)."""
+        return self.add_entries(job_id, [Entry.of(line) for line in lines])
 
-        A line whose ``custom_id`` repeats an earlier line's fails. One sender
-        stores a job before any other process can see it, so the repeats are
-        found with one read per batch and everything is written in one
+    @_wrap
+    def add_entries(self, job_id: str, entries: list[Entry]) -> list[Optional[str]]:
+        """Store a batch of a new job's lines, in order; returns the error each failed with (None: valid).
+
+        A valid line whose ``custom_id`` repeats an earlier line's fails. One
+        sender stores a job before any other process can see it, so the repeats
+        are found with one read per batch and everything is written in one
         command per hash.
         """
         keys = self.keys(job_id)
         first: dict[int, int] = {}  # a repeating line's index -> the index whose id it repeats
         owner: dict[str, int] = {}
-        for line in lines:
-            if line.request is not None:
-                if line.custom_id in owner:
-                    first[line.index] = owner[line.custom_id]
+        for entry in entries:
+            if entry.body is not None:
+                if entry.custom_id in owner:
+                    first[entry.index] = owner[entry.custom_id]
                 else:
-                    owner[line.custom_id] = line.index
+                    owner[entry.custom_id] = entry.index
         if owner:
-            earlier = self.redis.hmget(keys.custom_ids, list(owner))
-            for (custom_id, index), was in zip(list(owner.items()), earlier):
+            for (custom_id, index), was in zip(list(owner.items()), self.redis.hmget(keys.custom_ids, list(owner))):
                 if was is not None:
                     first[index] = int(was)
                     del owner[custom_id]
         errors: list[Optional[str]] = []
-        requests: dict[int, str] = {}
-        states: dict[int, str] = {}
+        requests: dict[int, bytes] = {}
+        states: dict[int, str] = {}  # only the failed: a queued request has no state
         results: dict[int, str] = {}
-        for line in lines:
-            error = repeated_id(line, first[line.index]) if line.index in first else line.error
+        for entry in entries:
+            error = repeated_id(entry, first[entry.index]) if entry.index in first else entry.error
             errors.append(error)
             if error is None:
-                requests[line.index] = stored_request(line)
-                states[line.index] = RequestStatus.QUEUED.value
+                requests[entry.index] = entry.body
             else:
-                failed = ResultLine(
-                    index=line.index, custom_id=line.custom_id, status=RequestStatus.FAILED,
+                requests[entry.index] = json.dumps({"custom_id": entry.custom_id}).encode()
+                results[entry.index] = ResultLine(
+                    index=entry.index, custom_id=entry.custom_id, status=RequestStatus.FAILED,
                     error=ErrorInfo(code="invalid_request", message=error),
-                )
-                requests[line.index] = json.dumps({"custom_id": line.custom_id})
-                results[line.index] = failed.model_dump_json()
-                states[line.index] = RequestStatus.FAILED.value
+                ).model_dump_json()
+                states[entry.index] = RequestStatus.FAILED.value
         pipe = self.redis.pipeline(transaction=False)
         if owner:
             pipe.hset(keys.custom_ids, mapping=owner)
         if requests:
             pipe.hset(keys.requests, mapping=requests)
-            pipe.hset(keys.states, mapping=states)
         if results:
             pipe.hset(keys.results, mapping=results)
+            pipe.hset(keys.states, mapping=states)
         pipe.execute()
         return errors
 
@@ -383,9 +415,7 @@ class JobStore:
         out: list[int] = []
         while cursor < total and len(out) < limit:
             idx = list(range(cursor, min(cursor + min(_CHUNK, limit - len(out)), total)))
-            for i, s in zip(idx, self.redis.hmget(states, idx)):
-                if s is not None and RequestStatus(s.decode()) is RequestStatus.QUEUED:
-                    out.append(i)
+            out += [i for i, s in zip(idx, self.redis.hmget(states, idx)) if s is None]
             cursor = idx[-1] + 1
         return out, cursor, total
 
@@ -479,8 +509,17 @@ class JobStore:
 
     @_wrap
     def request_states(self, job_id: str, indices: Iterable[int]) -> list[Optional[str]]:
-        values = self.redis.hmget(self.keys(job_id).states, list(indices))
-        return [v.decode() if v is not None else None for v in values]
+        """The status of each request (a :class:`RequestStatus` value); None for an index
+        the job does not have, or a job that does not exist."""
+        indices = list(indices)
+        keys = self.keys(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.job, "total")
+        pipe.hmget(keys.states, indices)
+        total, values = pipe.execute()
+        total = int(total) if total is not None else 0
+        return [v.decode() if v is not None else RequestStatus.QUEUED.value if 0 <= i < total else None
+                for i, v in zip(indices, values)]
 
     # -- partial results ---------------------------------------------------------
 
@@ -544,9 +583,7 @@ class JobStore:
         states = self.keys(job_id).states
         for lo in range(0, total, _CHUNK):
             idx = list(range(lo, min(lo + _CHUNK, total)))
-            for i, s in zip(idx, self.redis.hmget(states, idx)):
-                if s is not None and RequestStatus(s.decode()) is RequestStatus.QUEUED:
-                    yield i
+            yield from (i for i, s in zip(idx, self.redis.hmget(states, idx)) if s is None)
 
     @_wrap
     def results(self, job_id: str) -> Iterator[ResultLine]:
@@ -565,7 +602,7 @@ class JobStore:
                 if s is not None:
                     yield ResultLine.model_validate_json(s)
                     continue
-                status = RequestStatus(st.decode()) if st else RequestStatus.CANCELLED
+                status = RequestStatus(st.decode()) if st else RequestStatus.QUEUED
                 error = None
                 if status is RequestStatus.CANCELLED:
                     error = ErrorInfo(code="cancelled", message="the job was cancelled before this request ran")

@@ -113,6 +113,45 @@ def test_stored_request_loads_back(store):
         store.load_request(job_id, 99)
 
 
+def test_a_seed_form_line_is_stored_as_read(store, redis_client):
+    lines = [
+        b'{"custom_id": "x", "prompt": "hi",  "seed": 7}',  # kept byte for byte
+        b'{"prompt": "no id", "top_k": 3}  ',  # its line number appended as its id
+        b'{"custom_id": null, "messages": [{"role": "user", "content": "c"}]}',  # null: the line number
+        json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": "q"}], "max_tokens": 9}}).encode(),
+    ]
+    job_id = make_job(store, lines)
+    stored = redis_client.hmget(store.keys(job_id).requests, [0, 1, 2, 3])
+    assert stored[0] == lines[0]
+    parsed = lines_of(lines)
+    for index, custom_id in enumerate(["x", "2", "3", "o"]):  # the request, its id set
+        assert store.load_request(job_id, index) == (
+            custom_id, parsed[index].request.model_copy(update={"custom_id": custom_id}))
+    assert json.loads(stored[3])["max_tokens"] == 9  # an OpenAI line: its mapped request, serialised
+
+
+def test_a_queued_request_has_no_state(store, redis_client):
+    job_id = make_job(store, prompts(3))
+    assert redis_client.exists(store.keys(job_id).states) == 0
+    assert store.request_states(job_id, [0, 2, 3, -1]) == ["queued", "queued", None, None]
+    assert store.request_states("0" * 32, [0]) == [None]
+    store.start(job_id, 1)
+    assert store.request_states(job_id, [0, 1]) == ["queued", "running"]
+    assert store.requeue(job_id, 1, release=True)
+    assert redis_client.hlen(store.keys(job_id).states) == 0
+    assert counts(store, job_id)["queued"] == 3
+
+
+def test_keys_written_after_storing_expire_with_the_job(store, redis_client):
+    job_id = make_job(store, prompts(2))
+    keys = store.keys(job_id)
+    store.start(job_id, 0)
+    assert store.finish(job_id, done(0, "1"))
+    for key in (keys.states, keys.attempts, keys.results):
+        assert store.retention - 5 <= redis_client.ttl(key) <= store.retention, key
+
+
 def test_repeated_custom_id_fails_the_later_line(store):
     job_id = make_job(store, [
         {"custom_id": "a", "prompt": "1"},
@@ -207,6 +246,8 @@ def test_start_of_an_invalid_line_or_unknown_job_does_not_run(store):
     job_id = make_job(store, [{"prompt": "a"}, b"bad"])
     assert store.start(job_id, 1).run is False
     assert store.start(job_id, 7).run is False
+    assert store.start(job_id, 2).run is False
+    assert store.start(job_id, -1).run is False
     assert store.start("0" * 32, 0).run is False
     assert counts(store, job_id)["queued"] == 1
 

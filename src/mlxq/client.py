@@ -268,10 +268,10 @@ class Job:
                 if status is None:
                     raise JobNotFound(self.id)
                 return JobStatus(status.decode()).terminal
-            state = await client.hget(keys.states, index)
-            if state is None:
+            total, state = await client.hget(keys.job, "total"), await client.hget(keys.states, index)
+            if state is None and not 0 <= index < int(total or 0):
                 raise JobNotFound(self.id, f"job {self.id} has no request {index}")
-            return RequestStatus(state.decode()).terminal
+            return state is not None and RequestStatus(state.decode()).terminal  # none: queued
 
         async def read(after: str, block_ms: int) -> list[Event]:
             reply = await client.xread({events_key(self.id): after}, count=1000, block=block_ms)
