@@ -105,7 +105,7 @@ def test_resume_sends_what_an_interrupted_send_left_unsent(tmp_path, tiny_model,
     assert not store.unsent(info.job_id)
 
 
-def test_run_takes_the_workers_engine_options(tmp_path, tiny_model, redis_url, store):
+def test_run_takes_the_workers_engine_options(tmp_path, tiny_model):
     system = " ".join(f"rule {i} says be kind and brief." for i in range(30))
     rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
              "max_tokens": 2, "temperature": 0} for i in range(4)]
@@ -113,8 +113,9 @@ def test_run_takes_the_workers_engine_options(tmp_path, tiny_model, redis_url, s
 
     def cached(*options):
         target = tmp_path / "out.jsonl"
-        out = _run(str(path), "--model", str(tiny_model), "--concurrency", "2", "-o", str(target), *options,
-                   redis_url_arg=redis_url)
+        # An embedded Redis: only this run's worker serves the job (not the suite's).
+        out = _run(str(path), "--embedded", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_model),
+                   "--concurrency", "2", "-o", str(target), *options)
         assert out.returncode == 0, out.stderr
         return [json.loads(l)["result"]["usage"]["cached_tokens"] for l in target.read_text().splitlines()]
 
