@@ -29,10 +29,9 @@ and prefill only the rest.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, List, Optional, Sequence
-
-import sys
 
 import mlx.core as mx
 import numpy as np
