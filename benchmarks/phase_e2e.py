@@ -7,8 +7,10 @@ the sum of ``usage.completion_tokens`` in ``mlxq results``. The worker's peak
 RSS (VmHWM) is read while it runs; the largest its KV cache and prefix cache
 were, the prompt tokens its prefix cache served and the mean number of rows it
 decoded per step (up to the last request it admitted) come from its log as it
-stops; with several workers, the figures are summed (peak RSS, caches, cached
-tokens) or averaged (rows), and ``cached_tokens_by_worker`` lists each one's.
+stops; with several workers, the figures are summed (peak RSS, caches) or
+averaged (rows). ``cached_tokens`` is the job's own count (``mlxq status``);
+``cached_tokens_by_worker`` lists each worker's logged total, which includes
+the warm-up's.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path, workdir:
         "peak_rss_mb": total([p for p in peaks if p is not None]),
         "kv_peak_mb": total(logged(r"peak KV cache ([\d.]+) MiB")),
         "prefix_peak_mb": total(logged(r"peak prefix cache ([\d.]+) MiB")),
-        "cached_tokens": total(cached),
+        "cached_tokens": job.get("cached_tokens"),
         "cached_tokens_by_worker": cached,
         "mean_rows": sum(rows) / len(rows) if rows else None,
         "workers": workers,
