@@ -75,18 +75,17 @@ class PrefixCache:
             parent = block.id
         return found
 
-    def use(self, blocks: Sequence[_Block], rows: int = 1) -> mx.array:
-        """Mark ``blocks`` used (by ``rows`` new rows) and return their keys and values end to end.
+    def use(self, blocks: Sequence[_Block], rows: int = 1) -> List[mx.array]:
+        """Mark ``blocks`` used (by ``rows`` new rows) and return their keys and values, a block each.
 
-        The result is ``2 x layers x kv_heads x (len(blocks) * block) x head_dim``.
+        Each is ``2 x layers x kv_heads x block x head_dim``; the caller copies
+        them into place one by one (no copy of the whole run is made).
         """
         for block in reversed(blocks):
             if block.key in self._blocks:
                 self._blocks.move_to_end(block.key)
         self.hit_tokens += len(blocks) * self.block * rows
-        if len(blocks) == 1:
-            return blocks[0].kv
-        return mx.concatenate([block.kv for block in blocks], axis=3)
+        return [block.kv for block in blocks]
 
     def store(self, namespace: Hashable, tokens: Sequence[int], limit: int, caches, row: int) -> int:
         """Keep the blocks of ``tokens[:limit]`` that are not cached yet, from ``row`` of ``caches``.

@@ -418,10 +418,10 @@ class SlotBatch:
                 else:
                     runs.append((i, i + 1))
             for a, b in runs:
-                kv = cache.use(hits[id(group[a])], rows=b - a)
-                for layer, c in enumerate(self.caches):
-                    c.keys[lo + a:lo + b, :, :start] = kv[0, layer]
-                    c.values[lo + a:lo + b, :, :start] = kv[1, layer]
+                for j, kv in enumerate(cache.use(hits[id(group[a])], rows=b - a)):
+                    for layer, c in enumerate(self.caches):
+                        c.keys[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[0, layer]
+                        c.values[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[1, layer]
                 mx.eval([c.state for c in self.caches])
         if longest > start:
             tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
