@@ -8,9 +8,12 @@ A running request holds a lease in Redis. This thread renews the leases of
 the requests its worker runs; a worker killed mid-generation stops renewing,
 so its leases lapse, and the next look by any live worker's keeper puts those
 requests back in the queue (atomically, so only one keeper does) and sends
-them to the model's Celery queue again. Celery's own re-delivery of the dead
-worker's messages comes much later (the visibility timeout) and finds the
-requests ended: a no-op.
+them to the model's Celery queue again. A dead worker may also have taken
+messages it had not started yet (no lease): so the keeper that re-queues a
+job's requests sends that job's other queued requests again too. Celery's own
+re-delivery of the dead worker's messages comes much later (the visibility
+timeout) and finds the requests ended: a no-op, as is every duplicate (the
+first message to claim a request runs it).
 """
 
 from __future__ import annotations
@@ -142,10 +145,25 @@ class LeaseKeeper:
         if time.monotonic() - self._renewed_at >= self.renew_every:
             self.store.renew(self.running(), self.lease)
             self._renewed_at = time.monotonic()
+        requeued: dict[str, set[int]] = {}
         for job_id, index in self.store.lapsed():
             if self.store.requeue(job_id, index):
                 model = self.store.model_of(job_id)
                 if model is not None:
                     self.send(job_id, [index], model)
+                    requeued.setdefault(job_id, set()).add(index)
                     log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued",
                                 index, job_id)
+        for job_id, done in requeued.items():
+            self._resend_taken(job_id, done)
+
+    def _resend_taken(self, job_id: str, requeued: set[int]) -> None:
+        """Send the job's queued requests (those sent before) again: the dead worker may have
+        taken their messages without starting them, and kept them from every other worker."""
+        model = self.store.model_of(job_id)
+        if model is None:
+            return
+        again = [i for i in self.store.queued_indices(job_id, sent_only=True) if i not in requeued]
+        if again and self.send(job_id, again, model):
+            log.warning("job %s: a worker died; sent its %d other queued requests again, in case it had "
+                        "taken their messages (duplicates are no-ops)", job_id, len(again))
