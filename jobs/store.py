@@ -411,13 +411,16 @@ class JobStore:
         total, sent = self.redis.hmget(self.keys(job_id).job, ["total", "sent"])
         total = int(total or 0)
         cursor = int(sent) if sent is not None else total  # a job stored before windows: all sent
-        states = self.keys(job_id).states
         out: list[int] = []
         while cursor < total and len(out) < limit:
             idx = list(range(cursor, min(cursor + min(_CHUNK, limit - len(out)), total)))
-            out += [i for i, s in zip(idx, self.redis.hmget(states, idx)) if s is None]
+            out += self._queued(job_id, idx)
             cursor = idx[-1] + 1
         return out, cursor, total
+
+    def _queued(self, job_id: str, indices: list[int]) -> list[int]:
+        """Those of ``indices`` (below the job's total) that are queued: they have no state."""
+        return [i for i, s in zip(indices, self.redis.hmget(self.keys(job_id).states, indices)) if s is None]
 
     @_wrap
     def queue_length(self, queue: str) -> int:
@@ -580,10 +583,8 @@ class JobStore:
         total = int(total)
         if sent_only and sent is not None:
             total = min(total, int(sent))
-        states = self.keys(job_id).states
         for lo in range(0, total, _CHUNK):
-            idx = list(range(lo, min(lo + _CHUNK, total)))
-            yield from (i for i, s in zip(idx, self.redis.hmget(states, idx)) if s is None)
+            yield from self._queued(job_id, list(range(lo, min(lo + _CHUNK, total))))
 
     @_wrap
     def results(self, job_id: str) -> Iterator[ResultLine]:
