@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlxq.worker.model import load_model
 from mlxq.worker.sampling import RowSampler, make_request_processors, sample
-from mlxq.worker.slots import ATTENTION_ROWS, LENGTH_BLOCK, SlotBatch
+from mlxq.worker.slots import ATTENTION_ROWS, LENGTH_BLOCK, SHARED_MIN, SlotBatch, slot_attention
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,42 @@ def test_decode_attention_reads_each_group_of_rows_only_as_far_as_it_needs(loade
             assert len({fetch for _, _, fetch in groups}) > 1  # neighbours are of similar length
         if all(len(t) >= 6 for t in got.values()):
             break
+    assert [got[u][:6] for u in uids] == expected
+
+
+def test_rows_that_share_a_prompt_prefix_read_it_once_for_all(loaded):
+    """Decode attention reads a prefix neighbouring rows share from the first of them only."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    shared = tokenizer.encode("Instructions: answer briefly and well. " * 14, add_special_tokens=False)
+    assert len(shared) > SHARED_MIN + 20
+    prompts = [shared + tokenizer.encode(f" Question {i}: " + "why " * i, add_special_tokens=False)
+               for i in range(ATTENTION_ROWS + 3)]
+    prompts[4] = shared[:SHARED_MIN + 20] + tokenizer.encode(" Other question", add_special_tokens=False)
+    expected = [_stock_greedy(model, p, 6) for p in prompts]
+    batch = SlotBatch(model, width=len(prompts), prefill_tokens=10_000)
+    uids = batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    got = {u: [] for u in uids}
+    checked = False
+    while not all(len(t) >= 6 for t in got.values()):
+        steps = batch.next()
+        for step in steps:
+            got[step.uid].append(step.token)
+        if steps and not checked:
+            cache = batch.caches[0]
+            # One run of every row: the prefix they all share (row 4's is the shortest).
+            assert cache.runs == [(0, len(prompts), SHARED_MIN + 20)]
+            assert cache.group_runs == [0, 0]
+            # The same attention as each row reading its whole own cache.
+            rows, fetch = len(batch.rows), cache._fetch
+            queries = mx.random.normal((rows, model.layers[0].self_attn.n_heads, 1, cache.keys.shape[-1]))
+            mask = cache.make_mask(1)
+            keys, values = cache.keys[:rows, :, :fetch], cache.values[:rows, :, :fetch]
+            once = slot_attention(queries, keys, values, cache, scale=0.125, mask=mask)
+            cache.runs, cache.group_runs = [], [None] * len(cache.groups)
+            each = slot_attention(queries, keys, values, cache, scale=0.125, mask=mask)
+            assert mx.allclose(once, each, rtol=1e-4, atol=1e-5).item()
+            checked = True
+    assert checked
     assert [got[u][:6] for u in uids] == expected
 
 

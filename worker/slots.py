@@ -21,7 +21,9 @@ longest of them, not every row up to the longest in the batch
 (:func:`slot_attention`, which takes the place of mlx-lm's
 ``scaled_dot_product_attention`` in the model's module): rows are prefilled
 in order of length, so neighbours are of similar length, and decode attention
-is bound by reading the cache. Sampling is NumPy's
+is bound by reading the cache. Neighbouring rows whose prompts start with the
+same tokens (a batch file's shared instructions) read those positions once,
+from the first of them, for all of them. Sampling is NumPy's
 (:mod:`mlxq.worker.sampling`), for all rows at once. New rows copy the keys and values
 of prompt prefixes already computed from the prefix cache (:mod:`mlxq.worker.prefix`)
 and prefill only the rest.
@@ -36,6 +38,7 @@ from typing import Callable, Hashable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .fastmath import fast_exp
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 
@@ -55,6 +58,9 @@ PENALTY_CONTEXT = 256
 #: Rows whose decode attention reads the cache up to the longest of them (0.5B shape,
 #: 64 rows of 42-200 tokens: a step 5% faster than reading all up to the longest).
 ATTENTION_ROWS = 8
+#: Prompt tokens neighbouring rows must have in common for decode attention to read
+#: their keys and values once for all of them.
+SHARED_MIN = 64
 
 
 class SlotKVCache:
@@ -71,6 +77,10 @@ class SlotKVCache:
         self.offset: Optional[mx.array] = None
         self._fetch = 0
         self.groups: list[tuple[int, int, int]] = []  # (first row, end row, positions to read)
+        #: Runs of neighbouring rows whose first ``shared`` positions hold the same
+        #: prompt tokens: (first row, end row, shared); and each group's run (or None).
+        self.runs: list[tuple[int, int, int]] = []
+        self.group_runs: list[Optional[int]] = []
         #: While prefilling: rows ``lo:hi`` take positions from ``start`` on.
         self.span: Optional[tuple[int, int, int]] = None
 
@@ -152,19 +162,72 @@ class SlotKVCache:
 
 
 def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx.array], sinks=None) -> mx.array:
-    """mlx-lm's ``scaled_dot_product_attention``; for a slot cache's decode step, one
-    fused attention per group of rows, each reading the cache only as far as it needs."""
-    if not isinstance(cache, SlotKVCache) or cache.span is not None or len(cache.groups) < 2 or sinks is not None:
+    """mlx-lm's ``scaled_dot_product_attention``; for a slot cache's decode step, attention
+    by groups of rows, each reading the cache only as far as it needs.
+
+    A run of rows whose prompts start with the same tokens reads those
+    positions' keys and values once, from its first row, for all its rows (as
+    one matmul per head: ``rows x shared``); each group then reads only its own
+    positions after them, and the two parts are joined by their softmax
+    statistics (as cascade attention does).
+    """
+    if (not isinstance(cache, SlotKVCache) or cache.span is not None or sinks is not None
+            or (len(cache.groups) < 2 and not cache.runs)):
         from mlx_lm.models.base import scaled_dot_product_attention
 
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-    return mx.concatenate([
-        mx.fast.scaled_dot_product_attention(
-            queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch], scale=scale,
-            mask=mask[lo:hi, ..., :fetch],
-        )
-        for lo, hi, fetch in cache.groups
-    ])
+    shared = [_shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
+              for a, b, n in cache.runs]
+    out = []
+    for (lo, hi, fetch), run in zip(cache.groups, cache.group_runs):
+        if run is None:
+            out.append(mx.fast.scaled_dot_product_attention(
+                queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch], scale=scale,
+                mask=mask[lo:hi, ..., :fetch],
+            ))
+            continue
+        a, _, n = cache.runs[run]
+        part = [x[lo - a:hi - a] for x in shared[run]]
+        out.append(_own_part(queries[lo:hi], cache.keys[lo:hi, :, n:fetch], cache.values[lo:hi, :, n:fetch], scale,
+                             mask[lo:hi, ..., n:fetch], *part))
+    return mx.concatenate(out)
+
+
+def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: float):
+    """Attention of ``rows x heads x 1 x dim`` queries over one row's ``kv_heads x n x dim``
+    keys and values: the running max, the softmax's sum and the unnormalised output,
+    each ``rows x kv_heads x heads per kv head x (1 or dim)``, in float32."""
+    rows, heads, _, dim = queries.shape
+    kv_heads = keys.shape[0]
+    per = heads // kv_heads
+    q = (queries * scale).reshape(rows, kv_heads, per, dim).transpose(1, 2, 0, 3).reshape(kv_heads, per * rows, dim)
+    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    top = scores.max(axis=-1, keepdims=True)
+    weights = fast_exp(scores - top)  # rows x shared scores: MLX's exp would take most of the time
+    total = weights.sum(axis=-1, keepdims=True)
+    out = (weights.astype(values.dtype) @ values).astype(mx.float32)
+
+    def by_row(x: mx.array) -> mx.array:
+        return x.reshape(kv_heads, per, rows, -1).transpose(2, 0, 1, 3)
+
+    return by_row(top), by_row(total), by_row(out)
+
+
+def _own_part(queries, keys, values, scale: float, mask, top, total, out) -> mx.array:
+    """Attention of each row over its own positions after the shared ones (``keys``,
+    ``values``: ``rows x kv_heads x n x dim``), joined with the shared part's statistics."""
+    rows, heads, _, dim = queries.shape
+    kv_heads = keys.shape[1]
+    q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
+    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)  # rows x kv_heads x per x n
+    scores = mx.where(mask, scores, -mx.inf)
+    own_top = scores.max(axis=-1, keepdims=True)
+    top_all = mx.maximum(top, own_top)
+    weights = mx.exp(scores - top_all)
+    rescale = mx.exp(top - top_all)
+    total = total * rescale + weights.sum(axis=-1, keepdims=True)
+    out = out * rescale + (weights.astype(values.dtype) @ values).astype(mx.float32)
+    return (out / total).reshape(rows, heads, 1, dim).astype(queries.dtype)
 
 
 def _use_slot_attention(model) -> None:
@@ -192,6 +255,7 @@ class _Row:
     sampler: RowSampler
     processors: Sequence[Callable] = field(default_factory=tuple)
     limit: int = 0  # the most positions the row may need (0: unknown)
+    prefilled: int = 0  # prompt positions whose keys and values prefill computed or copied
     cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
@@ -230,6 +294,8 @@ class SlotBatch:
         self.rows: List[_Row] = []
         self.waiting: List[_Row] = []
         self._next_uid = 0
+        self._runs_for: tuple = ()
+        self._runs: list[tuple[int, int, int]] = []
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -437,7 +503,7 @@ class SlotBatch:
                 for c in self.caches:
                     c.span = None
         for i, (row, n) in enumerate(zip(group, lengths)):
-            row.length = n
+            row.length = row.prefilled = n
             row.cached = len(reused) * block
             if cache is not None:
                 cache.store(self.namespace, row.tokens, n, self.caches, lo + i)
@@ -489,12 +555,42 @@ class SlotBatch:
         longest = max(lengths) + 1
         self._ensure(len(rows), longest)
         offset = mx.array(lengths, dtype=mx.int32)
-        groups = [(lo, min(lo + ATTENTION_ROWS, len(rows)), max(lengths[lo:lo + ATTENTION_ROWS]) + 1)
-                  for lo in range(0, len(rows), ATTENTION_ROWS)]
+        runs = self._shared_runs()
+        groups, group_runs = [], []
+        for a, b, run in _segments(len(rows), runs):
+            for lo in range(a, b, ATTENTION_ROWS):
+                hi = min(lo + ATTENTION_ROWS, b)
+                groups.append((lo, hi, max(lengths[lo:hi]) + 1))
+                group_runs.append(run)
         for c in self.caches:
-            c.offset, c._fetch, c.groups = offset, longest, groups
+            c.offset, c._fetch, c.groups, c.runs, c.group_runs = offset, longest, groups, runs, group_runs
         inputs = mx.array([[r.tokens[-1]] for r in rows])
         return self.model(inputs, cache=self.caches)[:, -1, :]
+
+    def _shared_runs(self) -> list[tuple[int, int, int]]:
+        """Runs of neighbouring rows whose prompts start with at least :data:`SHARED_MIN`
+        of the same tokens: (first row, end row, tokens all of them share).
+
+        Their keys and values at those positions are the same (computed from
+        the same tokens, or copied from the same prefix cache blocks), so
+        decode attention reads them from the run's first row for all of them.
+        """
+        key = tuple(r.uid for r in self.rows)
+        if key == self._runs_for:
+            return self._runs
+        runs, i, rows = [], 0, self.rows
+        while i < len(rows):
+            first, shared, j = rows[i], rows[i].prefilled, i + 1
+            while j < len(rows):
+                common = _common_prefix(first.tokens, rows[j].tokens, min(shared, rows[j].prefilled))
+                if common < SHARED_MIN:
+                    break
+                shared, j = common, j + 1
+            if j - i > 1:
+                runs.append((i, j, shared))
+            i = j
+        self._runs_for, self._runs = key, runs
+        return runs
 
     @staticmethod
     def _process(logits: mx.array, rows: List[_Row]) -> mx.array:
@@ -507,6 +603,32 @@ class SlotBatch:
                     part = processor(context, part)
             out.append(part)
         return mx.concatenate(out, axis=0)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many of the first ``limit`` tokens of ``a`` and ``b`` are the same."""
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _segments(rows: int, runs: Sequence[tuple[int, int, int]]):
+    """``0..rows`` cut at the runs' ends: (first row, end row, run index or None)."""
+    at = 0
+    for k, (a, b, _) in enumerate(runs):
+        if at < a:
+            yield at, a, None
+        yield a, b, k
+        at = b
+    if at < rows:
+        yield at, rows, None
 
 
 def _round_up(n: int, block: int) -> int:
