@@ -185,3 +185,23 @@ def test_each_row_keeps_its_own_random_stream():
         others[2] = b
         seq_batched.append(sample(logits, others)[2])
     assert seq_alone == seq_batched and seq_alone[0] == alone[0]
+
+
+@pytest.mark.parametrize("scores_bytes", [1, 2**30])
+def test_prompt_attention_equals_mlx_fused_attention(monkeypatch, scores_bytes):
+    """Prompt chunks' attention on the CPU (fast exp, a few heads at a time), grouped query heads included."""
+    from mlx_lm.models.base import create_causal_mask
+
+    import mlxq.worker.slots as slots
+
+    monkeypatch.setattr(slots, "SCORES_BYTES", scores_bytes)  # 1: one row's kv head at a time
+    mx.random.seed(7)
+    rows, heads, kv_heads, n, start, dim = 3, 8, 2, 9, 23, 16
+    queries = mx.random.normal((rows, heads, n, dim))
+    keys = mx.random.normal((rows, kv_heads, start + n, dim))
+    values = mx.random.normal((rows, kv_heads, start + n, dim))
+    mask = create_causal_mask(n, offset=start)
+    want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
+    got = slots._prompt_attention(queries, keys, values, dim ** -0.5, mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
