@@ -152,6 +152,25 @@ def test_the_cache_grows_in_blocks_and_shrinks_when_rows_leave(loaded):
     assert batch.nbytes == 0
 
 
+def test_the_cache_is_kept_for_sequences_that_wait(loaded):
+    """When every row leaves at once but sequences wait, their rows are not allocated afresh."""
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 8)
+    batch = SlotBatch(model, width=4)
+    uids = batch.insert(prompts, [RowSampler(0.0) for _ in prompts])
+    while len(batch.rows) < 4:
+        batch.next()
+    batch.next()
+    keys = batch.caches[0].keys
+    batch.remove([r.uid for r in batch.rows])
+    assert batch.waiting and batch.caches[0].keys is keys
+    while not batch.next():
+        pass
+    assert batch.caches[0].keys.shape[0] == keys.shape[0]
+    batch.remove(uids)
+    assert batch.nbytes == 0
+
+
 def test_the_sampler_draws_from_the_softmax_at_its_temperature():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
     for temperature in (1.0, 0.5):

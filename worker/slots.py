@@ -423,7 +423,10 @@ class SlotBatch:
         )
 
     def _shrink(self) -> None:
-        """Give memory back once the rows use a quarter of it (or none)."""
+        """Give memory back once the rows use a quarter of it (or none), unless sequences
+        wait to take rows: fresh memory is slow to touch, so it is kept for them."""
+        if self.waiting:
+            return
         have_rows, have_length = self._capacity()
         if not self.rows:
             if have_rows:
