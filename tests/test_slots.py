@@ -224,3 +224,15 @@ def test_prompt_attention_equals_mlx_fused_attention(monkeypatch, scores_bytes):
     got = slots._prompt_attention(queries, keys, values, dim ** -0.5, mask)
     assert got.shape == want.shape
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+
+
+def test_prompt_processing_on_the_cpu_uses_that_attention(loaded, monkeypatch):
+    import mlxq.worker.slots as slots
+
+    calls = []
+    original = slots._prompt_attention
+    monkeypatch.setattr(slots, "_prompt_attention", lambda *a: calls.append(a[0].shape) or original(*a))
+    prompt = loaded.tokenizer.encode("a prompt of a few words", add_special_tokens=False)
+    assert _run(SlotBatch(loaded.model, width=2), [prompt], [RowSampler(0.0)], [3]) == [
+        _stock_greedy(loaded.model, prompt, 3)]
+    assert len(calls) == len(loaded.model.layers) and calls[0][2] == len(prompt) - 1
