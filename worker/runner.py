@@ -104,6 +104,17 @@ class Runner:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs here (each has ended or been released); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._running:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
     def run(self, job_id: str, index: int) -> str:
         if not self.engine.accepting:
             # Shutting down: hand the message back to the broker for another worker.

@@ -62,6 +62,10 @@ def backlog_for(concurrency: int, backlog: Optional[int] = None) -> int:
     return max(2, concurrency // 4) if backlog is None else backlog
 
 
+#: Seconds a stopping worker waits for its running requests to release themselves.
+RELEASE_WAIT = 60.0
+
+
 @contextmanager
 def _runner(
     redis_url: str,
@@ -109,6 +113,11 @@ def _runner(
             yield runner
         finally:
             engine.stop()
+            # Requests still running release themselves (back to the queue) on the
+            # engine's stop: let them reach Redis before anything that needs it stops
+            # (Celery's shutdown may return first, and ``mlxq run`` then stops its Redis).
+            if not runner.wait_idle(RELEASE_WAIT):
+                log.warning("requests still running after %ss: their leases bring them back", RELEASE_WAIT)
             keeper.stop()
             runner.publisher.stop()
             set_runner(None)
