@@ -145,22 +145,21 @@ class LeaseKeeper:
         if time.monotonic() - self._renewed_at >= self.renew_every:
             self.store.renew(self.running(), self.lease)
             self._renewed_at = time.monotonic()
-        requeued: dict[str, tuple[str, set[int]]] = {}  # job -> its model, the indices re-queued
+        requeued: dict[str, set[int]] = {}  # job -> the indices re-queued
         for job_id, index in self.store.lapsed():
             if self.store.requeue(job_id, index):
-                model = requeued[job_id][0] if job_id in requeued else self.store.model_of(job_id)
-                if model is not None:
-                    self.send(job_id, [index], model)
-                    requeued.setdefault(job_id, (model, set()))[1].add(index)
-                    log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued",
-                                index, job_id)
-        for job_id, (model, done) in requeued.items():
-            self._resend_taken(job_id, model, done)
+                requeued.setdefault(job_id, set()).add(index)
+                log.warning("request %s of job %s: its worker stopped renewing its lease; re-queued", index, job_id)
+        for job_id, indices in requeued.items():
+            model = self.store.model_of(job_id)
+            if model is not None:
+                self._send_again(job_id, model, indices)
 
-    def _resend_taken(self, job_id: str, model: str, requeued: set[int]) -> None:
-        """Send the job's queued requests (those sent before) again: the dead worker may have
-        taken their messages without starting them, and kept them from every other worker."""
-        again = [i for i in self.store.queued_indices(job_id, sent_only=True) if i not in requeued]
-        if again and self.send(job_id, again, model):
+    def _send_again(self, job_id: str, model: str, requeued: set[int]) -> None:
+        """Send the job's re-queued requests again, and its other queued requests sent before
+        with them (one send): the dead worker may have taken their messages without
+        starting them, and kept them from every other worker."""
+        others = [i for i in self.store.queued_indices(job_id, sent_only=True) if i not in requeued]
+        if self.send(job_id, sorted(requeued) + others, model) and others:
             log.warning("job %s: a worker died; sent its %d other queued requests again, in case it had "
-                        "taken their messages (duplicates are no-ops)", job_id, len(again))
+                        "taken their messages (duplicates are no-ops)", job_id, len(others))
