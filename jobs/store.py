@@ -378,9 +378,14 @@ class JobStore:
         self._renew(keys=[unsent_key(model or self.model_of(job_id) or "")], args=[grace, job_id])
 
     @_wrap
-    def sent(self, job_id: str, model: Optional[str] = None) -> None:
-        """Every queued request of the job has its message."""
-        self.redis.zrem(unsent_key(model or self.model_of(job_id) or ""), job_id)
+    def sent(self, job_id: str, model: Optional[str] = None, cursor: Optional[int] = None) -> None:
+        """Every queued request of the job has its message (with ``cursor``, the job's
+        total: the messages of every index below it are sent)."""
+        pipe = self.redis.pipeline(transaction=True)
+        if cursor is not None:
+            pipe.hset(self.keys(job_id).job, "sent", cursor)
+        pipe.zrem(unsent_key(model or self.model_of(job_id) or ""), job_id)
+        pipe.execute()
 
     @_wrap
     def release(self, job_id: str, model: str, cursor: Optional[int] = None) -> None:

@@ -510,6 +510,8 @@ def test_a_job_is_sent_a_window_at_a_time_skipping_what_is_not_queued(store):
     assert store.next_window(job_id, 3) == ([5, 6], 7, 7)
     assert list(store.queued_indices(job_id, sent_only=True)) == [0, 1, 3]
     assert list(store.queued_indices(job_id)) == [0, 1, 3, 5, 6]
+    store.sent(job_id, DEFAULT_MODEL, cursor=7)  # the last window went out
+    assert list(store.queued_indices(job_id, sent_only=True)) == [0, 1, 3, 5, 6]
 
 
 def test_model_of(store):

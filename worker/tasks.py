@@ -45,7 +45,7 @@ def send_window(store, job_id: str, model: str, limit: int) -> int:
     indices, cursor, total = store.next_window(job_id, limit)
     sent = enqueue(job_id, indices, model) if indices else 0
     if cursor >= total:
-        store.sent(job_id, model)
+        store.sent(job_id, model, cursor if total else None)
     else:
         store.release(job_id, model, cursor)
     return sent
