@@ -14,27 +14,14 @@ def generate(job_id: str, index: int) -> str:
     return current_runner().run(job_id, index)
 
 
-#: Messages between two renewals of a sender's claim on a job (see ``JobStore.sending``).
-_RENEW_EVERY = 500
-
-
-def enqueue(job_id: str, indices, model: str, store=None) -> int:
-    """Send one task per request index over one broker connection; returns the count.
-
-    With ``store``, this sends a new job's messages: it renews its claim on the
-    job as it goes, and marks the job sent at the end (until then, a worker
-    would send them for a sender that died).
-    """
+def enqueue(job_id: str, indices, model: str) -> int:
+    """Send one task per request index over one broker connection; returns the count."""
     queue = queue_for(model)
     sent = 0
     with app.producer_or_acquire() as producer:
         for index in indices:
             generate.apply_async((job_id, index), queue=queue, producer=producer)
             sent += 1
-            if store is not None and sent % _RENEW_EVERY == 0:
-                store.sending(job_id)
-    if store is not None:
-        store.sent(job_id)
     return sent
 
 

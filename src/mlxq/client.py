@@ -109,8 +109,8 @@ class Client:
             configure(self.redis_url)
             return send_window(self.store, job_id, model, limit)
 
-    def _send(self, job_id: str, indices: Iterable[int], model: str, new: bool = False) -> int:
-        """One Celery message per request index to ``model``'s queue; ``new`` for a job's first sending."""
+    def _send(self, job_id: str, indices: Iterable[int], model: str) -> int:
+        """One Celery message per request index to ``model``'s queue."""
         from .worker.app import configure
         from .worker.tasks import enqueue
 
@@ -119,7 +119,7 @@ class Client:
         # more deliveries while it stopped: Ctrl-C then logged rejected tasks.)
         with _sending:
             configure(self.redis_url)
-            return enqueue(job_id, indices, model, self.store if new else None)
+            return enqueue(job_id, indices, model)
 
 
 class Job:
