@@ -236,3 +236,38 @@ def test_prompt_processing_on_the_cpu_uses_that_attention(loaded, monkeypatch):
     assert _run(SlotBatch(loaded.model, width=2), [prompt], [RowSampler(0.0)], [3]) == [
         _stock_greedy(loaded.model, prompt, 3)]
     assert len(calls) == len(loaded.model.layers) and calls[0][2] == len(prompt) - 1
+
+
+def test_decode_attention_equals_mlx_fused_attention():
+    """A decode step's attention of a group of rows on the CPU (fast exp), each row seeing its own length."""
+    import mlxq.worker.slots as slots
+
+    mx.random.seed(8)
+    rows, heads, kv_heads, length, dim = 5, 8, 2, 40, 16
+    queries = mx.random.normal((rows, heads, 1, dim))
+    keys = mx.random.normal((rows, kv_heads, length, dim))
+    values = mx.random.normal((rows, kv_heads, length, dim))
+    seen = mx.array([3, 17, 39, 25, 0])  # the last position each row sees
+    mask = (mx.arange(length)[None, :] <= seen[:, None])[:, None, None, :]
+    want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
+    got = slots._decode_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+
+
+def test_decode_steps_on_the_cpu_use_that_attention(loaded, monkeypatch):
+    """Rows in one group and in several: every decode step goes through it, and the tokens are mlx-lm's."""
+    import mlxq.worker.slots as slots
+
+    calls = []
+    original = slots._decode_attention
+    monkeypatch.setattr(slots, "_decode_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    for count in (2, ATTENTION_ROWS + 3):
+        prompts = _prompts(loaded.tokenizer, count)
+        calls.clear()
+        expected = [_stock_greedy(loaded.model, p, 4) for p in prompts]
+        assert _run(SlotBatch(loaded.model, width=count, prefill_tokens=10_000), prompts,
+                    [RowSampler(0.0) for _ in prompts], [4] * count) == expected
+        groups = -(-count // ATTENTION_ROWS)
+        assert len(calls) >= 3 * groups * len(loaded.model.layers)  # at least 3 decode steps
+        assert sum(shape[0] for shape in calls) % count == 0 and all(shape[2] == 1 for shape in calls)

@@ -173,13 +173,15 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
     positions' keys and values once, from its first row, for all its rows (as
     one matmul per head: ``rows x shared``); each group then reads only its own
     positions after them, and the two parts are joined by their softmax
-    statistics (as cascade attention does).
+    statistics (as cascade attention does). On the CPU in float32, prompt
+    chunks and decode steps alike take their softmax with :func:`fast_exp`.
     """
+    cpu_float32 = queries.dtype == mx.float32 and mx.default_device() == mx.cpu
     if (isinstance(cache, SlotKVCache) and cache.span is not None and sinks is None
-            and isinstance(mask, mx.array) and queries.dtype == mx.float32 and mx.default_device() == mx.cpu):
+            and isinstance(mask, mx.array) and cpu_float32):
         return _prompt_attention(queries, keys, values, scale, mask)
-    if (not isinstance(cache, SlotKVCache) or cache.span is not None or sinks is not None
-            or (len(cache.groups) < 2 and not cache.runs)):
+    if (not isinstance(cache, SlotKVCache) or cache.span is not None or sinks is not None or not cache.groups
+            or (len(cache.groups) < 2 and not cache.runs and not cpu_float32)):
         from mlx_lm.models.base import scaled_dot_product_attention
 
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
@@ -188,10 +190,9 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
     out = []
     for (lo, hi, fetch), run in zip(cache.groups, cache.group_runs):
         if run is None:
-            out.append(mx.fast.scaled_dot_product_attention(
-                queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch], scale=scale,
-                mask=mask[lo:hi, ..., :fetch],
-            ))
+            attend = _decode_attention if cpu_float32 else mx.fast.scaled_dot_product_attention
+            out.append(attend(queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch],
+                              scale=scale, mask=mask[lo:hi, ..., :fetch]))
             continue
         a, _, n = cache.runs[run]
         part = [x[lo - a:hi - a] for x in shared[run]]
@@ -227,6 +228,19 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     return out.reshape(rows, heads, n, dim)
 
 
+def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries)
+    on the CPU: MLX's fused attention falls back there to a softmax on its slow
+    ``exp``; this one uses :func:`fast_exp`."""
+    rows, heads, _, dim = queries.shape
+    kv_heads = keys.shape[1]
+    q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
+    scores = mx.where(mask, q @ keys.swapaxes(-1, -2), -mx.inf)  # rows x kv_heads x per x n
+    weights = fast_exp(scores - scores.max(axis=-1, keepdims=True))
+    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(rows, heads, 1, dim)
+
+
 def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: float):
     """Attention of ``rows x heads x 1 x dim`` queries over one row's ``kv_heads x n x dim``
     keys and values: the running max, the softmax's sum and the unnormalised output,
@@ -257,7 +271,7 @@ def _own_part(queries, keys, values, scale: float, mask, top, total, out) -> mx.
     scores = mx.where(mask, scores, -mx.inf)
     own_top = scores.max(axis=-1, keepdims=True)
     top_all = mx.maximum(top, own_top)
-    weights = mx.exp(scores - top_all)
+    weights = fast_exp(scores - top_all)
     rescale = mx.exp(top - top_all)
     total = total * rescale + weights.sum(axis=-1, keepdims=True)
     out = out * rescale + (weights.astype(values.dtype) @ values).astype(mx.float32)
