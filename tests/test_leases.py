@@ -36,6 +36,16 @@ def take_messages(redis_client, queue: str) -> list[tuple[str, int]]:
     return out
 
 
+def first_sending(keeper: LeaseKeeper, redis_client, queue: str) -> list[tuple[str, int]]:
+    """Let ``keeper`` look until a lapsed lease makes it send; what it sent."""
+
+    def looked() -> list[tuple[str, int]]:
+        keeper.tick()
+        return take_messages(redis_client, queue)
+
+    return wait_until("the keeper to see a lapsed lease", looked, timeout=30)
+
+
 def test_a_dead_workers_taken_messages_are_sent_again_with_its_requeued_requests(store, redis_client, queue):
     """A job sent whole in its first window; a worker takes all its messages, starts two
     requests, and dies: one look by another worker's keeper sends all six again."""
@@ -45,13 +55,7 @@ def test_a_dead_workers_taken_messages_are_sent_again_with_its_requeued_requests
     assert store.start(job_id, 1, lease=0.2).run
     assert store.start(job_id, 4, lease=0.2).run
     keeper = LeaseKeeper(store, running=lambda: [], send=enqueue, lease=30.0, model=DEFAULT_MODEL)
-
-    def looked() -> list[tuple[str, int]]:
-        keeper.tick()
-        return take_messages(redis_client, queue)
-
-    sent = wait_until("the keeper to see the lapsed leases", looked, timeout=30)
-    assert sorted(sent) == [(job_id, i) for i in range(6)]
+    assert sorted(first_sending(keeper, redis_client, queue)) == [(job_id, i) for i in range(6)]
     assert list(store.queued_indices(job_id)) == list(range(6))
     keeper.tick()  # the leases were taken back once: nothing more to send
     assert take_messages(redis_client, queue) == []
@@ -64,10 +68,4 @@ def test_requests_after_the_sent_window_are_left_to_the_next_window(store, redis
     take_messages(redis_client, queue)
     assert store.start(job_id, 0, lease=0.2).run
     keeper = LeaseKeeper(store, running=lambda: [], send=enqueue, lease=30.0, model=DEFAULT_MODEL)
-
-    def looked() -> list[tuple[str, int]]:
-        keeper.tick()
-        return take_messages(redis_client, queue)
-
-    sent = wait_until("the keeper to see the lapsed lease", looked, timeout=30)
-    assert sorted(sent) == [(job_id, 0), (job_id, 1), (job_id, 2)]
+    assert sorted(first_sending(keeper, redis_client, queue)) == [(job_id, 0), (job_id, 1), (job_id, 2)]
