@@ -7,9 +7,9 @@ exponent bits) compiled by ``mx.compile`` into one fused kernel: about 4x
 faster than ``mx.exp``, and closer to the true value (largest relative error
 8e-8 against 2e-6 over 720,000 values of N(0, 10)).
 
-Prompt processing's attention softmax on the CPU uses :func:`fast_exp` too
-(:func:`mlxq.worker.slots.slot_attention`): MLX's fused attention has no CPU
-kernel and falls back to a softmax built on the slow ``exp``.
+Attention's softmax on the CPU uses :func:`fast_exp` too, in prompt processing
+and decode steps (:func:`mlxq.worker.slots.slot_attention`): MLX's fused
+attention has no CPU kernel and falls back to a softmax built on the slow ``exp``.
 
 A compiled function is traced again for every new input shape, so inputs are
 flattened and padded up to one of a few sizes (eight per power of two): the

@@ -180,8 +180,7 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
     if (isinstance(cache, SlotKVCache) and cache.span is not None and sinks is None
             and isinstance(mask, mx.array) and cpu_float32):
         return _prompt_attention(queries, keys, values, scale, mask)
-    if (not isinstance(cache, SlotKVCache) or cache.span is not None or sinks is not None or not cache.groups
-            or (len(cache.groups) < 2 and not cache.runs and not cpu_float32)):
+    if not isinstance(cache, SlotKVCache) or cache.span is not None or sinks is not None or not cache.groups:
         from mlx_lm.models.base import scaled_dot_product_attention
 
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
@@ -198,7 +197,7 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
         part = [x[lo - a:hi - a] for x in shared[run]]
         out.append(_own_part(queries[lo:hi], cache.keys[lo:hi, :, n:fetch], cache.values[lo:hi, :, n:fetch], scale,
                              mask[lo:hi, ..., n:fetch], *part))
-    return mx.concatenate(out)
+    return out[0] if len(out) == 1 else mx.concatenate(out)
 
 
 def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
@@ -232,13 +231,19 @@ def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries)
     on the CPU: MLX's fused attention falls back there to a softmax on its slow
     ``exp``; this one uses :func:`fast_exp`."""
+    scores = _decode_scores(queries, keys, scale, mask)
+    weights = fast_exp(scores - scores.max(axis=-1, keepdims=True))
+    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(queries.shape)
+
+
+def _decode_scores(queries: mx.array, keys: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """A decode step's masked attention scores, ``rows x kv_heads x heads per kv head x n``,
+    in float32, of ``rows x heads x 1 x dim`` queries over ``rows x kv_heads x n x dim`` keys."""
     rows, heads, _, dim = queries.shape
     kv_heads = keys.shape[1]
     q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = mx.where(mask, q @ keys.swapaxes(-1, -2), -mx.inf)  # rows x kv_heads x per x n
-    weights = fast_exp(scores - scores.max(axis=-1, keepdims=True))
-    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(rows, heads, 1, dim)
+    return mx.where(mask, (q @ keys.swapaxes(-1, -2)).astype(mx.float32), -mx.inf)
 
 
 def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: float):
@@ -264,18 +269,14 @@ def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: flo
 def _own_part(queries, keys, values, scale: float, mask, top, total, out) -> mx.array:
     """Attention of each row over its own positions after the shared ones (``keys``,
     ``values``: ``rows x kv_heads x n x dim``), joined with the shared part's statistics."""
-    rows, heads, _, dim = queries.shape
-    kv_heads = keys.shape[1]
-    q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)  # rows x kv_heads x per x n
-    scores = mx.where(mask, scores, -mx.inf)
+    scores = _decode_scores(queries, keys, scale, mask)
     own_top = scores.max(axis=-1, keepdims=True)
     top_all = mx.maximum(top, own_top)
     weights = fast_exp(scores - top_all)
     rescale = mx.exp(top - top_all)
     total = total * rescale + weights.sum(axis=-1, keepdims=True)
     out = out * rescale + (weights.astype(values.dtype) @ values).astype(mx.float32)
-    return (out / total).reshape(rows, heads, 1, dim).astype(queries.dtype)
+    return (out / total).reshape(queries.shape).astype(queries.dtype)
 
 
 def _use_slot_attention(model) -> None:
