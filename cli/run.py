@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import click
@@ -21,6 +22,29 @@ from .embedded import EmbeddedRedis, default_data_dir
 from .progress import watch
 
 __all__ = ["run"]
+
+
+def _interrupt_once(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops():
+    """The first Ctrl-C raises KeyboardInterrupt and the handler itself ignores any
+    further one, with no gap between the two: stopping takes a few seconds
+    (requests released, the embedded Redis shut down cleanly), and a second
+    Ctrl-C must not cut that short or end the process by the signal instead of
+    exit code 130. Without an interruption, the previous handler comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _choose_redis(settings: Settings, embedded: bool, data_dir: Path):
@@ -97,25 +121,25 @@ def run(ctx, file, output, model, concurrency, backlog, prefix_cache_mb, data_di
                     and model_name(model) != model_name(info.model)):
                 raise click.UsageError(f"job {resume} is for model {info.model}, not {model}", ctx)
             model = info.model  # its messages wait in that model's queue
-        with running_worker(url, model, concurrency, backlog, prefix_cache_mb=prefix_cache_mb):
-            if resume:
-                # Interrupted while sending: send its queued requests now rather
-                # than after a worker's wait for a dead sender (duplicates are no-ops).
-                job.resume()
-            else:
-                job = client.submit(file, model)
-                report_invalid(job)
-            click.echo(f"mlxq: job {job.id} on {mask_url(url)}", err=True)
-            try:
-                watch(job)
-            except KeyboardInterrupt:
-                # Stopping takes a few seconds (requests released, the embedded
-                # Redis shut down cleanly): a second Ctrl-C must not cut that short
-                # and end the process by the signal instead of exit code 130.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {job.id}"
+        kept = None  # the job, once it is stored: an interruption keeps it
+        try:
+            with running_worker(url, model, concurrency, backlog, prefix_cache_mb=prefix_cache_mb):
+                if resume:
+                    kept = job
+                    # Interrupted while sending: send its queued requests now rather
+                    # than after a worker's wait for a dead sender (duplicates are no-ops).
+                    job.resume()
+                else:
+                    kept = job = client.submit(file, model)
+                    report_invalid(job)
+                click.echo(f"mlxq: job {job.id} on {mask_url(url)}", err=True)
+                with _first_interrupt_stops():
+                    watch(job)
+        except KeyboardInterrupt:
+            if kept is not None:
+                click.echo(f"\nmlxq: interrupted; the job is kept: mlxq run --resume {kept.id}"
                            + (f" --data-dir {data_dir}" if url.startswith("unix://") else ""), err=True)
-                raise
+            raise
         target = output or (str(Path(file).with_suffix("")) + ".results.jsonl" if file else f"{job.id}.results.jsonl")
         with open(target, "w", encoding="utf-8") as out:
             job.write_results(out, fmt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 
 from helpers import MLXQ, ROOT, clean_env, run_mlxq, wait_until, write_jsonl
@@ -45,34 +46,36 @@ def test_ctrl_c_keeps_the_job_and_resume_finishes_it(tmp_path, tiny_model):
     proc = subprocess.Popen(
         [*MLXQ, "run", str(path), "--embedded", "--data-dir", data,
          "--model", str(tiny_model), "--concurrency", "4"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         # A suite started in the background (`cmd &`) inherits SIGINT ignored: undo that.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    # Every line of its stderr, read as it comes (none lost between two readers).
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
         # Wait until it generates (a progress line with a job id), then interrupt.
-        job_id = None
-        deadline = time.time() + 60
-        while job_id is None:
-            assert time.time() < deadline and proc.poll() is None
-            line = proc.stderr.readline()
-            if line.startswith("mlxq: job "):
-                job_id = line.split()[2]
+        job_line = wait_until("the job's line", lambda: next(
+            (l for l in list(lines) if l.startswith("mlxq: job ")), None) or proc.poll() is not None, 60)
+        assert isinstance(job_line, str), "".join(lines)
+        job_id = job_line.split()[2]
         store = JobStore.from_url(f"unix://{data}/redis.sock")
         wait_until("a request to generate", lambda: store.info(job_id).running, 60)
         # Known issue: in a full CI run the first SIGINT was sometimes lost (the
         # job then ran to the end); cause not found yet. Repeat it, as a user would.
-        err = ""
         for _ in range(15):
             proc.send_signal(signal.SIGINT)
             try:
-                _, err = proc.communicate(timeout=4)
+                proc.wait(timeout=4)
                 break
             except subprocess.TimeoutExpired:
                 continue
     finally:
         if proc.poll() is None:
             proc.kill()
+    reader.join(30)
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert f"mlxq run --resume {job_id} --data-dir {data}" in err
     assert "Traceback" not in err, err
