@@ -69,3 +69,15 @@ def test_requests_after_the_sent_window_are_left_to_the_next_window(store, redis
     assert store.start(job_id, 0, lease=0.2).run
     keeper = LeaseKeeper(store, running=lambda: [], send=enqueue, lease=30.0, model=DEFAULT_MODEL)
     assert sorted(first_sending(keeper, redis_client, queue)) == [(job_id, 0), (job_id, 1), (job_id, 2)]
+
+
+def test_a_window_goes_out_longest_first(store, redis_client, queue):
+    """Within a window, a worker takes the requests with the most ``max_tokens`` first (the
+    schema's default, 256, when a line gives none), ties in index order."""
+    budgets = [16, 200, None, 16, 64, 200]
+    job_id = make_job(store, [{"prompt": f"p{i}", **({"max_tokens": n} if n else {})}
+                              for i, n in enumerate(budgets)])
+    assert send_window(store, job_id, DEFAULT_MODEL, 4) == 4
+    assert take_messages(redis_client, queue) == [(job_id, i) for i in (2, 1, 0, 3)]
+    assert send_window(store, job_id, DEFAULT_MODEL, 4) == 2
+    assert take_messages(redis_client, queue) == [(job_id, 5), (job_id, 4)]
