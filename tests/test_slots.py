@@ -226,6 +226,29 @@ def test_prompt_attention_equals_mlx_fused_attention(monkeypatch, scores_bytes):
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
 
 
+def test_prompt_attention_holds_one_slice_of_scores_at_a_time(monkeypatch):
+    """The scores' bound holds: one slice's scores (and what is computed from them) at a
+    time, not every slice's side by side."""
+    from mlx_lm.models.base import create_causal_mask
+
+    import mlxq.worker.slots as slots
+
+    rows, heads, n, length, dim = 4, 4, 64, 1024, 64
+    monkeypatch.setattr(slots, "SCORES_BYTES", n * length * 4)  # one row's head a slice: 16 slices
+    queries = mx.random.normal((rows, heads, n, dim))
+    keys = mx.random.normal((rows, heads, length, dim))
+    values = mx.random.normal((rows, heads, length, dim))
+    mask = create_causal_mask(n, offset=length - n)
+    mx.eval(queries, keys, values, mask)
+    mx.reset_peak_memory()
+    active = mx.get_active_memory()
+    mx.eval(slots._prompt_attention(queries, keys, values, dim ** -0.5, mask))
+    scores = n * length * 4
+    # One slice's scores, their softmax and the scaled queries: about 9x a slice's scores;
+    # every slice's side by side: about 37x.
+    assert mx.get_peak_memory() - active < 16 * scores
+
+
 def test_prompt_processing_on_the_cpu_uses_that_attention(loaded, monkeypatch):
     import mlxq.worker.slots as slots
 

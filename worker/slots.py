@@ -207,7 +207,9 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     ``exp`` takes most of the time, over scores that for a chunk after a long
     prefix are larger than glibc reuses (each of them then page-faulted in
     afresh). Here the softmax uses :func:`fast_exp`, over at most
-    :data:`SCORES_BYTES` of scores at a time.
+    :data:`SCORES_BYTES` of scores at a time: each slice is computed before
+    the next is built (left lazy, MLX runs the slices' matmuls side by side,
+    and all their scores live at once).
     """
     rows, heads, n, dim = queries.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
@@ -223,6 +225,9 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
         scores = mx.where(mask, scores, -mx.inf)
         weights = fast_exp(scores - scores.max(axis=-1, keepdims=True)).reshape(hi - lo, per * n, length)
         out.append((weights @ values[lo:hi]) / weights.sum(axis=-1, keepdims=True))
+        if hi < rows * kv_heads:
+            # MLX would otherwise compute every slice's scores side by side.
+            mx.eval(out[-1])
     out = out[0] if len(out) == 1 else mx.concatenate(out)
     return out.reshape(rows, heads, n, dim)
 
