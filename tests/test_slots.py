@@ -181,6 +181,27 @@ def test_the_sampler_draws_from_the_softmax_at_its_temperature():
         assert np.allclose(freq, p / p.sum(), atol=0.015), (temperature, freq)
 
 
+def test_the_draw_by_blocks_inverts_the_whole_cumulative_sum():
+    """Sampling's blockwise inverse (block sums, then one block) picks the token the
+    cumulative sum of the whole row picks: a vocabulary of two full blocks and a tail,
+    tokens of no weight (never picked), draws near 0 and 1."""
+    from mlxq.worker.sampling import BLOCK, _draw
+
+    rng = np.random.default_rng(1)
+    vocab = 2 * BLOCK + 45
+    weights = rng.random((5, vocab)).astype(np.float32) ** 4
+    weights[:, ::7] = 0
+    weights[2, :BLOCK] = 0  # a whole block of no weight
+    weights[3, BLOCK:] = 0  # all the weight in the first block
+    draws = [0.0, 1e-9, 0.5, 1 - 1e-9] + list(rng.random(400))
+    for row in range(5):
+        cdf = np.cumsum(weights[row], dtype=np.float64)
+        want = [min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), vocab - 1) for u in draws]
+        got = [int(_draw(weights[row:row + 1], [u])[0]) for u in draws]
+        assert got == want
+        assert all(weights[row, t] > 0 for t in got)
+
+
 def test_the_sampler_cuts_and_greedy():
     logits = np.log(np.array([[0.05, 0.5, 0.3, 0.15]], dtype=np.float32))
     assert sample(logits, [RowSampler(0.0)])[0] == 1

@@ -8,7 +8,9 @@ number per token, so a seeded request gives the same tokens alone or beside
 any number of others.
 
 Sampling is exact: a token is drawn from the whole (cut) distribution by
-inverting its cumulative sum with that one uniform number. Per-row MLX samplers
+inverting its cumulative sum with that one uniform number (for plain
+temperature sampling, the sum of blocks of the vocabulary first, then within
+one block). Per-row MLX samplers
 cost about 4x more on the CPU (at 32 rows of a 151,936-token vocabulary: 125 ms
 per step against 26 ms), most of it in drawing a Gumbel number per vocabulary
 entry.
@@ -22,6 +24,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 __all__ = ["RowSampler", "make_request_sampler", "make_request_processors", "sample"]
+
+#: Vocabulary entries per block of the cumulative sum (:func:`_draw`).
+BLOCK = 128
 
 
 @dataclass(eq=False)
@@ -68,14 +73,43 @@ def sample(logits: np.ndarray, samplers: Sequence[RowSampler]) -> np.ndarray:
         out[greedy] = np.argmax(logits[greedy], axis=1)
     if plain:
         inv_t = np.array([1.0 / samplers[i].temperature for i in plain], dtype=np.float32)
-        x = logits[plain] * inv_t[:, None]
+        x = (logits if len(plain) == n else logits[plain]) * inv_t[:, None]
         x -= x.max(axis=1, keepdims=True)
         np.exp(x, out=x)
-        np.cumsum(x, axis=1, out=x)
-        for row, i in enumerate(plain):
-            out[i] = _invert(x[row], samplers[i].rng.random())
+        out[plain] = _draw(x, [samplers[i].rng.random() for i in plain])
     for i in cut:
         out[i] = _sample_cut(logits[i], samplers[i])
+    return out
+
+
+def _draw(weights: np.ndarray, draws: Sequence[float]) -> np.ndarray:
+    """For each row of ``weights`` (rows x vocabulary, not negative), the index whose
+    cumulative weight first exceeds its draw times the row's total.
+
+    The cumulative sum is taken over the sums of blocks of :data:`BLOCK` entries,
+    then within the one block the draw falls in: NumPy's cumulative sum of a
+    whole row runs one element at a time (16 ms of a 22 ms step's sampling at
+    32 rows of a 151,936-token vocabulary), a block's sum does not.
+    """
+    rows, vocab = weights.shape
+    full = vocab // BLOCK
+    sums = np.empty((rows, full + (vocab > full * BLOCK)), dtype=np.float64)
+    sums[:, :full] = weights[:, :full * BLOCK].reshape(rows, full, BLOCK).sum(axis=2, dtype=np.float64)
+    if vocab > full * BLOCK:
+        sums[:, full] = weights[:, full * BLOCK:].sum(axis=1, dtype=np.float64)
+    np.cumsum(sums, axis=1, out=sums)
+    out = np.empty(rows, dtype=np.int64)
+    for row, u in enumerate(draws):
+        target = u * sums[row, -1]
+        block = min(int(np.searchsorted(sums[row], target, side="right")), sums.shape[1] - 1)
+        lo = block * BLOCK
+        part = weights[row, lo:lo + BLOCK]
+        before = sums[row, block - 1] if block else 0.0
+        cdf = np.cumsum(part, dtype=np.float64) + before
+        index = int(np.searchsorted(cdf, target, side="right"))
+        if index >= part.shape[0]:  # the two sums' rounding: the block's last token with weight
+            index = int(np.flatnonzero(part)[-1]) if part.any() else part.shape[0] - 1
+        out[row] = lo + index
     return out
 
 
