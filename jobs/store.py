@@ -441,8 +441,7 @@ class JobStore:
 
         A worker fills a row as soon as one frees, so the requests that run last
         decide how long a job's final rows run nearly empty; the longest
-        running first leaves short ones to fill the end (the standard
-        benchmark's decoding: 12% less time).
+        running first leaves short ones to fill the end.
         """
         if len(indices) < 2:
             return list(indices)
