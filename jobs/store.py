@@ -81,14 +81,8 @@ def stored_request(line: Line) -> bytes:
 
 
 def _budget(body: Optional[bytes]) -> int:
-    """The ``max_tokens`` of a stored request (0 when it is gone)."""
-    if body is None:
-        return 0
-    try:
-        value = json.loads(body).get("max_tokens", DEFAULT_MAX_TOKENS)
-    except (ValueError, AttributeError):
-        return 0
-    return value if isinstance(value, int) else 0
+    """The ``max_tokens`` of a stored, valid request (:func:`stored_request`); 0 when it is gone."""
+    return 0 if body is None else json.loads(body).get("max_tokens", DEFAULT_MAX_TOKENS)
 
 
 class Entry(NamedTuple):

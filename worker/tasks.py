@@ -27,8 +27,8 @@ def enqueue(job_id: str, indices, model: str) -> int:
 
 def send_window(store, job_id: str, model: str, limit: int) -> int:
     """Send the next ``limit`` messages of a job sent a window at a time (the caller holds
-    its claim), the most ``max_tokens`` first; then give the claim up, or mark the job sent when none is left. Returns
-    how many it sent."""
+    its claim), the most ``max_tokens`` first; then give the claim up, or mark the job
+    sent when none is left. Returns how many it sent."""
     indices, cursor, total = store.next_window(job_id, limit)
     sent = enqueue(job_id, store.longest_first(job_id, indices), model) if indices else 0
     if cursor >= total:
