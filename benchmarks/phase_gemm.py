@@ -1,11 +1,12 @@
 """The gemm phase: the machine's practical float32 matmul rate on the model's own shapes.
 
-In a process like the worker's (OpenBLAS preloaded, the same threads, MLX on
+In a process like the worker's (its few-row matmul and OpenBLAS preloaded, the same threads, MLX on
 the CPU), it times the model's projections (attention q, k, v, o; MLP gate, up,
 down) and its output layer, each as a product of ``rows x in`` activations with
-the weight, at 512 rows (``gemm_gflops``: the peak a step could reach) and at
-the decode width (``gemm_gflops_at_width``: what a decode step of that many
-rows can reach at best). The weights are random: a product's speed does not
+the weight, at 512 rows (``gemm_gflops``: the peak a step could reach, on
+OpenBLAS) and at the decode width (``gemm_gflops_at_width``: what a decode step
+of that many rows can reach at best, on the few-row matmul as a decode step
+runs them). The weights are random: a product's speed does not
 depend on the values.
 """
 
@@ -39,10 +40,10 @@ def matmul_params(config: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from mlxq.worker.blas import find_openblas
+    from mlxq.worker.blas import fast_blas_preload
 
     log(f"gemm: the model's matmul shapes at {PEAK_ROWS} and {args.width} rows")
-    return run_phase("gemm", model_dir, requests_file, clean_env(preload=find_openblas()), args.timeout,
+    return run_phase("gemm", model_dir, requests_file, clean_env(preload=":".join(fast_blas_preload())), args.timeout,
                      width=args.width)
 
 
@@ -52,6 +53,8 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     limit_malloc_arenas()  # as the worker's process does
     reuse_freed_memory()
     import mlx.core as mx
+
+    from mlxq.worker.smallgemm import decoding
 
     mx.set_default_device(mx.cpu)
     config = json.loads((opts.model_dir / "config.json").read_text())
@@ -72,7 +75,8 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
         return 2 * params * rows / seconds / 1e9, seconds
 
     best_peak, seconds = max(rate(PEAK_ROWS) for _ in range(3))
-    at_width = max(rate(opts.width) for _ in range(3))[0]
+    with decoding():  # as a decode step runs them
+        at_width = max(rate(opts.width) for _ in range(3))[0]
     return {"requests": 0, "tokens": 0, "seconds": seconds, "blas": mapped_blas(),
             "gemm_gflops": best_peak, "gemm_gflops_at_width": at_width, "matmul_params": params}
 

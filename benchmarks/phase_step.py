@@ -1,7 +1,7 @@
 """The step phase: where a decode step's time goes, in a process like the worker's.
 
 The first ``--width`` requests are prefilled into a slot batch (the worker's
-engine: OpenBLAS preloaded, float32, the compiled SiLU), which then decodes
+engine: its few-row matmul and OpenBLAS preloaded, float32, the compiled SiLU), which then decodes
 ``STEPS`` steps at the standard workload's temperature. Timed apart, on the
 same rows: the whole step (``decode_step_ms``), the model's forward pass alone
 (``decode_forward_ms``), attention alone (as the step runs it, on every
@@ -22,10 +22,10 @@ STEPS = 8
 
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from mlxq.worker.blas import find_openblas
+    from mlxq.worker.blas import fast_blas_preload
 
     log(f"step: a decode step of {args.width} rows, in parts")
-    return run_phase("step", model_dir, requests_file, clean_env(preload=find_openblas()), args.timeout,
+    return run_phase("step", model_dir, requests_file, clean_env(preload=":".join(fast_blas_preload())), args.timeout,
                      width=args.width, seed=args.seed)
 
 
@@ -40,6 +40,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     from mlxq.worker.model import load_model
     from mlxq.worker.sampling import make_request_sampler, sample
     from mlxq.worker.slots import SlotBatch, slot_attention
+    from mlxq.worker.smallgemm import decoding
 
     loaded = load_model(str(opts.model_dir), force_cpu=True)
     model = loaded.model
@@ -63,8 +64,9 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     step_ms = timed(batch.next)
 
     def forward():
-        logits = batch.forward()
-        mx.eval(logits)
+        with decoding():  # as the engine's step runs it
+            logits = batch.forward()
+            mx.eval(logits)
         return logits
 
     forward_ms = timed(forward)

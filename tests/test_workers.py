@@ -10,6 +10,7 @@ from celery import Celery
 from helpers import MLXQ, ROOT, WorkerProcess, clean_env, run_cli, wait_until, write_jsonl
 from mlxq.jobs.workers import WORKERS
 from mlxq.worker.app import broker_url
+from mlxq.worker.smallgemm import build
 
 
 def test_an_entry_lives_while_it_beats_and_says_how_far_its_clock_is(store, redis_client):
@@ -45,6 +46,8 @@ def test_a_worker_lists_itself_while_it_runs_and_leaves_when_it_stops(tmp_path, 
             assert w["model"] == str(tiny_model) and w["name"] == f"mlxq-{proc.pid}@{w['host']}"
             assert (w["device"], w["dtype"], w["blas"], w["concurrency"], w["in_flight"]) == (
                 "cpu", "float32", proc.blas(), 4, 0)
+            # OpenBLAS, with the few-row matmul ahead of it where it builds (x86-64 with AVX-512, a C compiler).
+            assert proc.blas() == ("openblas+smallgemm" if build() else "openblas")
         out = run_cli(redis_url, "workers")
         assert f"mlxq-{stopped.pid}@" in out.stdout and "in flight 0/4" in out.stdout
         # Celery's remote control (what Flower and `celery inspect` use) answers under the same name.

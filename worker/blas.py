@@ -2,7 +2,9 @@
 
 mlx's Linux wheel bundles the reference BLAS (float32 matmul at a few GFLOP/s).
 Debian's OpenBLAS (``libopenblas0-pthread``), preloaded in its place, is some
-40x faster. :func:`ensure_fast_blas` re-executes the process with
+40x faster. Ahead of it goes mlxq's own few-row matmul
+(:mod:`mlxq.worker.smallgemm`), which takes a decode step's products where
+OpenBLAS is slow. :func:`ensure_fast_blas` re-executes the process with
 ``LD_PRELOAD`` set when OpenBLAS is installed but not loaded; it must run
 before anything imports mlx.
 """
@@ -16,8 +18,9 @@ import sys
 from typing import Optional
 
 from .memory import MALLOC_ARENAS
+from .smallgemm import LIBRARY_PREFIX, build
 
-__all__ = ["find_openblas", "loaded_blas", "ensure_fast_blas"]
+__all__ = ["find_openblas", "fast_blas_preload", "loaded_blas", "ensure_fast_blas"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,17 @@ def find_openblas() -> Optional[str]:
     return None
 
 
+def fast_blas_preload() -> list[str]:
+    """What the worker preloads, in order: the few-row matmul where it builds, then OpenBLAS; [] without OpenBLAS."""
+    openblas = find_openblas()
+    if openblas is None:
+        return []
+    small = build()
+    return [small, openblas] if small else [openblas]
+
+
 def loaded_blas() -> str:
-    """Which BLAS this process has mapped: 'openblas', 'reference', or 'system'."""
+    """Which BLAS this process has mapped: 'openblas+smallgemm', 'openblas', 'reference', or 'not loaded'."""
     if sys.platform == "darwin":
         return "accelerate"
     try:
@@ -51,14 +63,14 @@ def loaded_blas() -> str:
     except OSError:
         return "unknown"
     if "libopenblas" in text:
-        return "openblas"
+        return "openblas+smallgemm" if LIBRARY_PREFIX in text else "openblas"
     if "libblas" in text:
         return "reference"
     return "not loaded"
 
 
 def ensure_fast_blas(disable: bool = False) -> None:
-    """On Linux, re-exec this process with OpenBLAS preloaded when it can help."""
+    """On Linux, re-exec this process with OpenBLAS (and the few-row matmul) preloaded when it can help."""
     if disable or not sys.platform.startswith("linux"):
         return
     if "openblas" in os.environ.get("LD_PRELOAD", "") or os.environ.get(_GUARD):
@@ -66,15 +78,15 @@ def ensure_fast_blas(disable: bool = False) -> None:
     if "mlx" in sys.modules:
         log.warning("mlx is already imported; cannot switch it to OpenBLAS")
         return
-    path = find_openblas()
-    if path is None:
+    preload = fast_blas_preload()
+    if not preload:
         log.warning(
             "OpenBLAS not found: MLX will use its reference BLAS, which is slow on the CPU "
             "(install it with: apt-get install libopenblas0-pthread)"
         )
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env["LD_PRELOAD"] = ":".join(p for p in (*preload, env.get("LD_PRELOAD", "")) if p)
     env[_GUARD] = "1"
     # From the start of the new process, as the environment variable: a cap set
     # later by mallopt bounded the arenas but not the 0.5B worker's peak RSS.

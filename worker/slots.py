@@ -41,6 +41,7 @@ import numpy as np
 from .fastmath import fast_exp
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
+from .smallgemm import decoding
 
 __all__ = ["SlotBatch", "SlotKVCache", "Step", "slot_attention"]
 
@@ -587,17 +588,18 @@ class SlotBatch:
         if self._prefill() or not self.rows:
             return []
         rows = self.rows
-        logits = self.forward()
-        if any(r.processors for r in rows):
-            logits = self._process(logits, rows)
-        samplers = [r.sampler for r in rows]
-        if all(s.greedy for s in samplers):
-            # Only the tokens leave MLX, not rows x vocabulary logits.
-            tokens = np.array(mx.argmax(logits, axis=-1))
-        else:
-            logits = logits.astype(mx.float32)
-            mx.eval(logits)
-            tokens = sample(np.array(logits, copy=False), samplers)
+        with decoding():  # the step's matmuls go to the few-row kernel, if it is loaded
+            logits = self.forward()
+            if any(r.processors for r in rows):
+                logits = self._process(logits, rows)
+            samplers = [r.sampler for r in rows]
+            if all(s.greedy for s in samplers):
+                # Only the tokens leave MLX, not rows x vocabulary logits.
+                tokens = np.array(mx.argmax(logits, axis=-1))
+            else:
+                logits = logits.astype(mx.float32)
+                mx.eval(logits)
+                tokens = sample(np.array(logits, copy=False), samplers)
         steps = []
         for row, token in zip(rows, tokens.tolist()):
             row.length += 1

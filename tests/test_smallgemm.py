@@ -1,0 +1,117 @@
+"""The worker's few-row matmul: built for this CPU, preloaded ahead of OpenBLAS, run by MLX.
+
+Each check runs MLX in a subprocess preloaded as the worker's process is, and
+compares its products with NumPy's in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from helpers import clean_env
+from mlxq.worker.blas import find_openblas
+from mlxq.worker.smallgemm import build
+
+SCRIPT = textwrap.dedent("""
+    import contextlib, ctypes, json, sys
+    import numpy as np
+    import mlx.core as mx
+    from mlxq.worker.blas import loaded_blas
+    from mlxq.worker.smallgemm import decoding
+
+    mx.set_default_device(mx.cpu)
+    calls = ctypes.c_ulong.in_dll(ctypes.CDLL(sys.argv[1]), "mlxq_smallgemm_calls")
+    rng = np.random.default_rng(0)
+    out = {"blas": loaded_blas(), "cases": []}
+    inside = decoding if sys.argv[3] == "decoding" else contextlib.nullcontext
+    for m, n, k, kind in json.loads(sys.argv[2]):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        c = rng.standard_normal((m, n), dtype=np.float32)
+        want = x.astype(np.float64) @ w.astype(np.float64).T
+        before = calls.value
+        with inside():
+            if kind == "x @ w.T":
+                got = np.array(mx.array(x) @ mx.array(w).T)
+            elif kind == "addmm":  # the bias of a linear layer: alpha and beta reach the kernel
+                got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
+                want = 0.5 * want + 2.0 * c
+            else:  # "x.T.T @ w.T": X handed over transposed, which the kernel leaves to OpenBLAS
+                got = np.array(mx.array(np.ascontiguousarray(x.T)).T @ mx.array(w).T)
+            taken = calls.value - before
+            # Each row alone, bit for bit as in the batch: a result does not depend on the other rows.
+            alone = [np.array(mx.array(x[i:i + 1]) @ mx.array(w).T) for i in range(m)] if kind == "x @ w.T" else []
+        out["cases"].append({
+            "case": [m, n, k, kind], "taken": taken,
+            "error": float(np.abs(got - want).max() / np.sqrt(k)),
+            "rows_alone_identical": all((a[0] == g).all() for a, g in zip(alone, got)),
+        })
+    print(json.dumps(out))
+""")
+
+OURS = [  # K from 256, any rows: tails of K (not a multiple of 16), of N (not of 6) and of M (not of 4)
+    (1, 6, 256, "x @ w.T"), (3, 7, 256, "x @ w.T"), (4, 12, 300, "x @ w.T"), (5, 100, 1040, "x @ w.T"),
+    (31, 1024, 1024, "x @ w.T"), (32, 97, 512, "x @ w.T"), (33, 64, 272, "x @ w.T"), (64, 130, 257, "x @ w.T"),
+    (130, 70, 512, "x @ w.T"), (7, 200, 512, "addmm"),
+]
+# The attention's short products, and X handed over transposed.
+OPENBLAS = [(8, 64, 64, "x @ w.T"), (8, 64, 255, "x @ w.T"), (8, 64, 512, "x.T.T @ w.T")]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    openblas = find_openblas()
+    if openblas is None:
+        pytest.skip("OpenBLAS is not installed")
+    path = build(tmp_path_factory.mktemp("smallgemm"))
+    if path is None:
+        pytest.skip("the few-row matmul does not build here (it needs x86-64 with AVX-512 and a C compiler)")
+    return path, openblas
+
+
+def _run(library, cases, where="decoding"):
+    path, openblas = library
+    done = subprocess.run([sys.executable, "-c", SCRIPT, path, json.dumps(cases), where], capture_output=True, text=True,
+                          timeout=300, env=clean_env(preload=f"{path}:{openblas}"))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_library_is_built_once_and_found_again(tmp_path):
+    first = build(tmp_path)
+    if first is None:
+        pytest.skip("the few-row matmul does not build here")
+    built = (tmp_path / first.rsplit("/", 1)[-1]).stat().st_mtime_ns
+    assert build(tmp_path) == first
+    assert (tmp_path / first.rsplit("/", 1)[-1]).stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [first.rsplit("/", 1)[-1]]  # no partial file left
+
+
+def test_few_row_products_are_exact_and_do_not_depend_on_the_other_rows(library):
+    out = _run(library, OURS + OPENBLAS)
+    assert out["blas"] == "openblas+smallgemm"
+    for case in out["cases"]:
+        assert case["error"] < 1e-5, case
+        m, n, k, kind = case["case"]
+        if (m, n, k, kind) in OURS:
+            assert case["taken"] == 1, case
+        else:
+            assert case["taken"] == 0, case
+        if kind == "x @ w.T" and (m, n, k, kind) in OURS:
+            assert case["rows_alone_identical"], case
+
+
+def test_outside_a_decode_step_every_product_goes_to_openblas(library):
+    out = _run(library, [(8, 64, 512, "x @ w.T"), (1, 1024, 1024, "addmm")], where="outside")
+    assert [c["taken"] for c in out["cases"]] == [0, 0]
+    assert all(c["error"] < 1e-5 for c in out["cases"])
+
+
+def test_it_is_not_built_when_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXQ_SMALL_GEMM", "0")
+    assert build(tmp_path) is None and list(tmp_path.iterdir()) == []

@@ -1,0 +1,171 @@
+/* cblas_sgemm for the products of a decode step, preloaded ahead of OpenBLAS.
+ *
+ * A decode step multiplies a few rows of activations (one per request in the
+ * batch) by every weight of the model: C = X W^T, X of M rows, W of N rows,
+ * both along K. OpenBLAS copies W into its own packed layout on every call,
+ * which costs about as much as the arithmetic when M is small. This kernel
+ * reads W where it is, once, and keeps X (small) packed instead:
+ *
+ *   - X is copied to a buffer as tiles of RM rows, interleaved by blocks of
+ *     VW floats along K, so that a tile's vectors sit side by side;
+ *   - each thread takes a run of RN rows of W at a time and, chunk by chunk of
+ *     K, multiplies it with every tile of X: RM x RN vector accumulators, each
+ *     a dot product's partial sums, added up across lanes at the end.
+ *
+ * A row of C is summed in the same order whatever M is and wherever the row
+ * sits, so a request's result does not depend on the other rows of its batch.
+ * It takes the products of X W^T with K of at least 256 (not the attention's)
+ * while mlxq_smallgemm_rows is set and M is at most that; the engine sets it
+ * around a decode step only (mlxq.worker.smallgemm.decoding), so that prompt
+ * processing, which must compute a position's keys and values the same way
+ * whatever else it batches, stays with OpenBLAS. Every other call goes to the
+ * next cblas_sgemm in the process, OpenBLAS's.
+ *
+ * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
+ * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
+                         const float *, int, float, float *, int);
+
+#define VW 16      /* floats in a vector */
+#define RM 4       /* rows of X in a tile */
+#define RN 6       /* rows of W in a tile */
+#define KC 512     /* floats of K in a chunk: a tile of W stays in the L1 cache across X's tiles */
+#define MIN_K 256  /* shorter products (attention's) stay with OpenBLAS */
+#define PARALLEL_FLOATS 65536 /* a smaller W is not worth waking a second thread */
+
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+/* Set through ctypes: the most rows of X this kernel takes (0: none, every product to OpenBLAS). */
+int mlxq_smallgemm_rows;
+/* Products this kernel has taken, for tests and diagnostics. */
+unsigned long mlxq_smallgemm_calls;
+
+static sgemm_fn next_sgemm;
+static __thread vf *packed, *accs;
+static __thread size_t packed_size, accs_size;
+
+static inline vf load(const float *p) {
+  vf v;
+  memcpy(&v, p, sizeof v); /* unaligned */
+  return v;
+}
+
+static inline float lane_sum(vf v) {
+  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* Blocks [kb0, kb1) of K for one tile of X (packed) and rn rows of W; partial sums in acc_out. */
+static inline __attribute__((always_inline)) void chunk(const int rn, int kb0, int kb1, const vf *x,
+                                                        const float *W, int ldw, vf *acc_out) {
+  vf acc[RM][RN];
+#pragma GCC unroll 4
+  for (int i = 0; i < RM; i++)
+#pragma GCC unroll 8
+    for (int j = 0; j < rn; j++) acc[i][j] = kb0 == 0 ? (vf){0} : acc_out[i * RN + j];
+  for (int kb = kb0; kb < kb1; kb++) {
+    vf xs[RM];
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++) xs[i] = x[kb * RM + i];
+#pragma GCC unroll 8
+    for (int j = 0; j < rn; j++) {
+      vf w = load(W + (long)j * ldw + kb * VW);
+      __asm__("" : "+v"(w)); /* one load of w into a register, not one per row of X */
+#pragma GCC unroll 4
+      for (int i = 0; i < RM; i++) acc[i][j] += xs[i] * w;
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < RM; i++)
+#pragma GCC unroll 8
+    for (int j = 0; j < rn; j++) acc_out[i * RN + j] = acc[i][j];
+}
+
+/* C[:, 0:rn] = alpha * X W[0:rn]^T + beta * C for all M rows of X. */
+static void column_run(int M, int rn, int K, const vf *xp, vf *acc, const float *X, int ldx,
+                       const float *W, int ldw, float alpha, float beta, float *C, int ldc) {
+  int tiles = (M + RM - 1) / RM, kbs = K / VW;
+  for (int kb0 = 0; kb0 < kbs; kb0 += KC / VW) {
+    int kb1 = kb0 + KC / VW < kbs ? kb0 + KC / VW : kbs;
+    for (int t = 0; t < tiles; t++) {
+      const vf *x = xp + (long)t * kbs * RM;
+      vf *a = acc + t * RM * RN;
+      switch (rn) {
+        case 6: chunk(6, kb0, kb1, x, W, ldw, a); break;
+        case 5: chunk(5, kb0, kb1, x, W, ldw, a); break;
+        case 4: chunk(4, kb0, kb1, x, W, ldw, a); break;
+        case 3: chunk(3, kb0, kb1, x, W, ldw, a); break;
+        case 2: chunk(2, kb0, kb1, x, W, ldw, a); break;
+        default: chunk(1, kb0, kb1, x, W, ldw, a); break;
+      }
+    }
+  }
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < rn; j++) {
+      float s = lane_sum(acc[(m / RM) * RM * RN + (m % RM) * RN + j]);
+      for (int k = kbs * VW; k < K; k++) s += X[(long)m * ldx + k] * W[(long)j * ldw + k];
+      float *c = C + (long)m * ldc + j;
+      *c = beta == 0.f ? alpha * s : alpha * s + beta * *c;
+    }
+}
+
+/* A thread-local buffer of at least n vectors, or NULL. */
+static vf *reserve(vf **buf, size_t *size, size_t n) {
+  if (n > *size) {
+    free(*buf);
+    *buf = aligned_alloc(sizeof(vf), n * sizeof(vf));
+    *size = *buf ? n : 0;
+  }
+  return *buf;
+}
+
+/* C = alpha * X W^T + beta * C; 0 if a buffer could not be had. */
+static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx, const float *W,
+                      int ldw, float beta, float *C, int ldc) {
+  int tiles = (M + RM - 1) / RM, kbs = K / VW;
+  int parallel = (long)N * K >= PARALLEL_FLOATS, threads = parallel ? omp_get_max_threads() : 1;
+  size_t per_thread = (size_t)tiles * RM * RN;
+  if (!reserve(&packed, &packed_size, (size_t)tiles * kbs * RM) ||
+      !reserve(&accs, &accs_size, per_thread * threads))
+    return 0;
+  for (int t = 0; t < tiles; t++)
+    for (int kb = 0; kb < kbs; kb++)
+      for (int i = 0; i < RM; i++) {
+        int m = t * RM + i;
+        packed[((long)t * kbs + kb) * RM + i] = m < M ? load(X + (long)m * ldx + kb * VW) : (vf){0};
+      }
+  const vf *xp = packed; /* thread-local: the team's other threads would see their own */
+  vf *acc = accs;
+  int runs = (N + RN - 1) / RN;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int r = 0; r < runs; r++) {
+    int n = r * RN, rn = N - n < RN ? N - n : RN;
+    column_run(M, rn, K, xp, acc + per_thread * omp_get_thread_num(), X, ldx, W + (long)n * ldw, ldw,
+               alpha, beta, C + n, ldc);
+  }
+  return 1;
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+  int rows = __atomic_load_n(&mlxq_smallgemm_rows, __ATOMIC_RELAXED);
+  if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && M >= 1 && M <= rows &&
+      K >= MIN_K && N >= 1 && small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) {
+    __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+  next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
