@@ -26,6 +26,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -42,8 +43,6 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define PARALLEL_FLOATS 65536 /* a smaller W is not worth waking a second thread */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
 /* Set through ctypes: the most rows of X this kernel takes (0: none, every product to OpenBLAS). */
 int mlxq_smallgemm_rows;
@@ -60,12 +59,7 @@ static inline vf load(const float *p) {
   return v;
 }
 
-static inline float lane_sum(vf v) {
-  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
+static inline float lane_sum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
 
 /* Blocks [kb0, kb1) of K for one tile of X (packed) and rn rows of W; partial sums in acc_out. */
 static inline __attribute__((always_inline)) void chunk(const int rn, int kb0, int kb1, const vf *x,
