@@ -6,11 +6,13 @@ compares its products with NumPy's in float64.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from helpers import clean_env
@@ -104,6 +106,27 @@ def test_few_row_products_are_exact_and_do_not_depend_on_the_other_rows(library)
             assert case["taken"] == 0, case
         if kind == "x @ w.T" and (m, n, k, kind) in OURS:
             assert case["rows_alone_identical"], case
+
+
+@pytest.mark.parametrize("skip, stride", [(0, 512), (1, 512), (4, 512), (15, 512), (3, 523)])
+def test_any_alignment_and_row_stride_of_the_weight(library, skip, stride):
+    """Called as cblas_sgemm directly: W's rows at every offset from a cache line, and a stride off 16 floats."""
+    lib = ctypes.CDLL(library[0])
+    ctypes.c_int.in_dll(lib, "mlxq_smallgemm_rows").value = 64
+    calls = ctypes.c_ulong.in_dll(lib, "mlxq_smallgemm_calls")
+    m, n, k = 5, 40, 300
+    rng = np.random.default_rng(skip)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    wide = rng.standard_normal(n * stride + 64, dtype=np.float32)
+    start = (-wide.ctypes.data // 4) % 16 + skip  # floats past a 64-byte boundary
+    w = np.lib.stride_tricks.as_strided(wide[start:], (n, k), (stride * 4, 4))
+    c = np.full((m, n), np.nan, dtype=np.float32)
+    f = ctypes.POINTER(ctypes.c_float)
+    before = calls.value
+    lib.cblas_sgemm(101, 111, 112, m, n, k, ctypes.c_float(1.0), x.ctypes.data_as(f), k,
+                    wide[start:].ctypes.data_as(f), stride, ctypes.c_float(0.0), c.ctypes.data_as(f), n)
+    assert calls.value == before + 1
+    np.testing.assert_allclose(c, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=1e-4)
 
 
 def test_outside_a_decode_step_every_product_goes_to_openblas(library):
