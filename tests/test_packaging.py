@@ -73,6 +73,7 @@ def test_the_wheel_installs_only_mlxq(wheel):
     for module in ("__init__", "__main__", "jobs/store", "jobs/scripts", "worker/engine", "worker/tasks",
                    "cli/__init__", "cli/submit"):
         assert f"mlxq/{module}.py" in names, module
+    assert "mlxq/worker/smallgemm.c" in names  # the worker compiles it where it runs
     assert not any("/tests/" in n or "/benchmarks/" in n for n in names)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +140,19 @@ def test_outside_a_decode_step_every_product_goes_to_openblas(library):
 def test_it_is_not_built_when_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXQ_SMALL_GEMM", "0")
     assert build(tmp_path) is None and list(tmp_path.iterdir()) == []
+
+
+def test_without_a_compiler_or_with_one_that_fails_it_warns_and_leaves_nothing(tmp_path, monkeypatch, caplog):
+    if platform.machine() != "x86_64" or "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("not x86-64 Linux with AVX-512: the build stops before looking for a compiler")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.delenv("CC", raising=False)
+    with caplog.at_level("WARNING", logger="mlxq.worker.smallgemm"):
+        assert build(cache) is None
+    assert "no C compiler" in caplog.text and not cache.exists()
+    caplog.clear()
+    monkeypatch.setenv("CC", "/bin/false")  # runs, fails: --version prints nothing, compiling exits 1
+    with caplog.at_level("WARNING", logger="mlxq.worker.smallgemm"):
+        assert build(cache) is None
+    assert "compiling smallgemm.c failed" in caplog.text and list(cache.iterdir()) == []

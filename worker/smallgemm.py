@@ -73,17 +73,20 @@ def build(cache_dir: Optional[Path] = None) -> Optional[str]:
         return None
     model, flags = _cpu()
     if "avx512f" not in flags:
-        log.info("no AVX-512 on this CPU: small matmuls stay with OpenBLAS")
+        log.warning("no AVX-512 on this CPU: decode steps' matmuls stay with OpenBLAS")
+        return None
+    if not SOURCE.is_file():
+        log.warning("%s is missing from the installation: decode steps' matmuls stay with OpenBLAS", SOURCE)
         return None
     cc = _compiler()
     if cc is None:
-        log.warning("no C compiler (cc, gcc or $CC): small matmuls stay with OpenBLAS, "
-                    "decoding about 1.4x slower (install one with: apt-get install gcc)")
+        log.warning("no C compiler (cc, gcc or $CC): decode steps' matmuls stay with OpenBLAS, "
+                    "about 1.2x slower (install one with: apt-get install gcc)")
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("the C compiler %s does not run (%s): small matmuls stay with OpenBLAS", cc, exc)
+        log.warning("the C compiler %s does not run (%s): decode steps' matmuls stay with OpenBLAS", cc, exc)
         return None
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), cc, version, " ".join(FLAGS), model, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
@@ -96,18 +99,18 @@ def build(cache_dir: Optional[Path] = None) -> Optional[str]:
         fd, partial = tempfile.mkstemp(prefix=target.name, suffix=".partial", dir=directory)
         os.close(fd)
     except OSError as exc:
-        log.warning("cannot write %s (%s): small matmuls stay with OpenBLAS", directory, exc)
+        log.warning("cannot write %s (%s): decode steps' matmuls stay with OpenBLAS", directory, exc)
         return None
     try:
         done = subprocess.run([cc, *FLAGS, "-o", partial, str(SOURCE), "-ldl"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            log.warning("compiling %s failed: small matmuls stay with OpenBLAS\n%s", SOURCE.name,
+            log.warning("compiling %s failed: decode steps' matmuls stay with OpenBLAS\n%s", SOURCE.name,
                         done.stderr.strip()[-2000:])
             return None
         os.replace(partial, target)  # atomic: workers building side by side each get a whole file
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("compiling %s failed (%s): small matmuls stay with OpenBLAS", SOURCE.name, exc)
+        log.warning("compiling %s failed (%s): decode steps' matmuls stay with OpenBLAS", SOURCE.name, exc)
         return None
     finally:
         if os.path.exists(partial):
