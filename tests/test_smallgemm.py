@@ -69,7 +69,7 @@ OPENBLAS = [(8, 64, 64, "x @ w.T"), (8, 64, 255, "x @ w.T"), (8, 64, 512, "x.T.T
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    openblas = find_openblas()
+    openblas = find_openblas(openmp_first=True)  # as the worker preloads it beside the kernel
     if openblas is None:
         pytest.skip("OpenBLAS is not installed")
     path = build(tmp_path_factory.mktemp("smallgemm"))
