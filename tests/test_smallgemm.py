@@ -42,6 +42,12 @@ SCRIPT = textwrap.dedent("""
         with inside():
             if kind == "x @ w.T":
                 got = np.array(mx.array(x) @ mx.array(w).T)
+            elif kind == "x @ v":  # V as it is stored (no transpose), as attention's weights times values
+                got = np.array(mx.array(x) @ mx.array(np.ascontiguousarray(w.T)))
+            elif kind == "batched":  # attention's scores: rows x heads x 1 query (m of them) over each one's keys
+                q = mx.array(x).reshape(m // 4, 4, 1, k)
+                keys = mx.array(np.broadcast_to(w, (m, n, k)).reshape(m // 4, 4, n, k))
+                got = np.array(q @ keys.swapaxes(-1, -2)).reshape(m, n)
             elif kind == "addmm":  # the bias of a linear layer: alpha and beta reach the kernel
                 got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
                 want = 0.5 * want + 2.0 * c
@@ -49,7 +55,12 @@ SCRIPT = textwrap.dedent("""
                 got = np.array(mx.array(np.ascontiguousarray(x.T)).T @ mx.array(w).T)
             taken = calls.value - before
             # Each row alone, bit for bit as in the batch: a result does not depend on the other rows.
-            alone = [np.array(mx.array(x[i:i + 1]) @ mx.array(w).T) for i in range(m)] if kind == "x @ w.T" else []
+            if kind == "x @ w.T":
+                alone = [np.array(mx.array(x[i:i + 1]) @ mx.array(w).T) for i in range(m)]
+            elif kind == "x @ v":
+                alone = [np.array(mx.array(x[i:i + 1]) @ mx.array(np.ascontiguousarray(w.T))) for i in range(m)]
+            else:
+                alone = []
         out["cases"].append({
             "case": [m, n, k, kind], "taken": taken,
             "error": float(np.abs(got - want).max() / np.sqrt(k)),
@@ -58,23 +69,42 @@ SCRIPT = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
-OURS = [  # K from 256, any rows: tails of K (not a multiple of 16), of N (not of 6) and of M (not of 4)
+OURS = [  # K from 256, any rows: tails of K (not a multiple of 16 or 8), of N (not of 6) and of M (not of 4 or 2)
     (1, 6, 256, "x @ w.T"), (3, 7, 256, "x @ w.T"), (4, 12, 300, "x @ w.T"), (5, 100, 1040, "x @ w.T"),
     (31, 1024, 1024, "x @ w.T"), (32, 97, 512, "x @ w.T"), (33, 64, 272, "x @ w.T"), (64, 130, 257, "x @ w.T"),
-    (130, 70, 512, "x @ w.T"), (7, 200, 512, "addmm"),
+    (130, 70, 512, "x @ w.T"), (2, 9, 264, "x @ w.T"), (9, 11, 520, "x @ w.T"), (7, 200, 512, "addmm"),
 ]
-# The attention's short products, and X handed over transposed.
-OPENBLAS = [(8, 64, 64, "x @ w.T"), (8, 64, 255, "x @ w.T"), (8, 64, 512, "x.T.T @ w.T")]
+# A decode step's attention, a row's head at a time (up to 8 queries: heads per KV head): scores over
+# the keys (K of the head's size, under 256) and weights times the values (V as stored), with the tails
+# of K, of N and of the vector blocks of N.
+FEW = [(1, 208, 64, "x @ w.T"), (8, 64, 255, "x @ w.T"), (3, 7, 100, "x @ w.T"), (2, 5, 1, "x @ w.T"),
+       (1, 64, 208, "x @ v"), (3, 70, 50, "x @ v"), (2, 200, 33, "x @ v"), (8, 5, 300, "x @ v"),
+       (1, 130, 64, "x @ v")]
+# More queries than that, and X handed over transposed.
+OPENBLAS = [(9, 64, 64, "x @ w.T"), (9, 64, 100, "x @ v"), (8, 64, 512, "x.T.T @ w.T")]
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def library(request, tmp_path_factory):
+    """The kernel as built for this CPU, and its AVX2 variant where this CPU has AVX-512 (so both get tested)."""
     openblas = find_openblas(openmp_first=True)  # as the worker preloads it beside the kernel
     if openblas is None:
         pytest.skip("OpenBLAS is not installed")
-    path = build(tmp_path_factory.mktemp("smallgemm"))
+    extra = []
+    if request.param == "avx2":
+        if "avx512f" not in _cpu_flags():
+            pytest.skip("no AVX-512 here: the native build is the AVX2 one")
+        extra = ["-mno-avx512f"]
+    path = build(tmp_path_factory.mktemp("smallgemm"), extra_flags=extra)
     if path is None:
-        pytest.skip("the few-row matmul does not build here (it needs x86-64 with AVX-512 and a C compiler)")
+        pytest.skip("the few-row matmul does not build here (it needs x86-64 with AVX-512 or AVX2, and a C compiler)")
     return path, openblas
 
 
@@ -97,17 +127,23 @@ def test_the_library_is_built_once_and_found_again(tmp_path):
 
 
 def test_few_row_products_are_exact_and_do_not_depend_on_the_other_rows(library):
-    out = _run(library, OURS + OPENBLAS)
+    out = _run(library, OURS + FEW + OPENBLAS)
     assert out["blas"] == "openblas+smallgemm"
     for case in out["cases"]:
         assert case["error"] < 1e-5, case
         m, n, k, kind = case["case"]
-        if (m, n, k, kind) in OURS:
+        if (m, n, k, kind) in OURS + FEW:
             assert case["taken"] == 1, case
         else:
             assert case["taken"] == 0, case
-        if kind == "x @ w.T" and (m, n, k, kind) in OURS:
+        if kind in ("x @ w.T", "x @ v") and (m, n, k, kind) in OURS + FEW:
             assert case["rows_alone_identical"], case
+
+
+def test_attention_scores_batched_by_head_are_one_product_each(library):
+    out = _run(library, [(12, 208, 64, "batched"), (4, 300, 128, "batched")])
+    assert [c["taken"] for c in out["cases"]] == [12, 4]
+    assert all(c["error"] < 1e-5 for c in out["cases"])
 
 
 @pytest.mark.parametrize("skip, stride", [(0, 512), (1, 512), (4, 512), (15, 512), (3, 523)])
@@ -143,8 +179,9 @@ def test_it_is_not_built_when_turned_off(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_or_with_one_that_fails_it_warns_and_leaves_nothing(tmp_path, monkeypatch, caplog):
-    if platform.machine() != "x86_64" or "avx512f" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("not x86-64 Linux with AVX-512: the build stops before looking for a compiler")
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or ("avx512f" not in flags and not {"avx2", "fma"} <= flags):
+        pytest.skip("not x86-64 Linux with AVX-512 or AVX2: the build stops before looking for a compiler")
     cache = tmp_path / "cache"
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
     monkeypatch.delenv("CC", raising=False)

@@ -46,7 +46,7 @@ def test_a_worker_lists_itself_while_it_runs_and_leaves_when_it_stops(tmp_path, 
             assert w["model"] == str(tiny_model) and w["name"] == f"mlxq-{proc.pid}@{w['host']}"
             assert (w["device"], w["dtype"], w["blas"], w["concurrency"], w["in_flight"]) == (
                 "cpu", "float32", proc.blas(), 4, 0)
-            # OpenBLAS, with the few-row matmul ahead of it where it builds (x86-64 with AVX-512, a C compiler).
+            # OpenBLAS, with the few-row matmul ahead of it where it builds (x86-64 with AVX-512 or AVX2, a C compiler).
             assert proc.blas() == ("openblas+smallgemm" if build() else "openblas")
         out = run_cli(redis_url, "workers")
         assert f"mlxq-{stopped.pid}@" in out.stdout and "in flight 0/4" in out.stdout

@@ -22,7 +22,8 @@
  * next cblas_sgemm in the process, OpenBLAS's.
  *
  * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
- * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W).
+ * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W)
+ * or with AVX2 and FMA (16 registers: 12 accumulators, 2 rows of X, 1 of W).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -35,11 +36,20 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
                          const float *, int, float, float *, int);
 
+#if defined(__AVX512F__)
 #define VW 16      /* floats in a vector */
 #define RM 4       /* rows of X in a tile */
 #define RN 6       /* rows of W in a tile */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define RM 2       /* 2 x 6 rather than 3 x 4: X's rows come from L2 once per RN rows of W */
+#define RN 6
+#else
+#error "smallgemm.c needs AVX-512, or AVX2 and FMA"
+#endif
 #define KC 512     /* floats of K in a chunk: a tile of W stays in the L1 cache across X's tiles */
-#define MIN_K 256  /* shorter products (attention's) stay with OpenBLAS */
+#define MIN_K 256  /* shorter products (attention's) go to few_xwt */
+#define FEW_M 8    /* the most rows few_xwt and few_xv take (a decode step's attention has heads per KV head) */
 #define PARALLEL_FLOATS 65536 /* a smaller W is not worth waking a second thread */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
@@ -59,7 +69,16 @@ static inline vf load(const float *p) {
   return v;
 }
 
+#if VW == 16
 static inline float lane_sum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+static inline float lane_sum(vf v) {
+  __m256 x = (__m256)v;
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 /* Blocks [kb0, kb1) of K for one tile of X (packed) and rn rows of W; partial sums in acc_out. */
 static inline __attribute__((always_inline)) void chunk(const int rn, int kb0, int kb1, const vf *x,
@@ -152,13 +171,118 @@ static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx,
   return 1;
 }
 
+static inline void store(float *c, float s, float alpha, float beta) {
+  *c = beta == 0.f ? alpha * s : alpha * s + beta * *c;
+}
+
+/* x . w over K: vector partial sums, added across lanes, then K's tail. */
+static inline float dot(const float *x, const float *w, int K) {
+  int kv = K / VW * VW;
+  vf a = {0};
+  for (int k = 0; k < kv; k += VW) a += load(x + k) * load(w + k);
+  float s = lane_sum(a);
+  for (int k = kv; k < K; k++) s += x[k] * w[k];
+  return s;
+}
+
+/* C = alpha * X W^T + beta * C for a few rows and a short K (a decode step's attention scores,
+ * one row's head at a time): one thread, W read once, four of its rows side by side. */
+static void few_xwt(int M, int N, int K, float alpha, const float *X, int ldx, const float *W, int ldw,
+                    float beta, float *C, int ldc) {
+  int kv = K / VW * VW;
+  for (int m = 0; m < M; m++) {
+    const float *x = X + (long)m * ldx;
+    float *c = C + (long)m * ldc;
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+      const float *w = W + (long)n * ldw;
+      vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int k = 0; k < kv; k += VW) {
+        vf xv = load(x + k);
+        a0 += xv * load(w + k);
+        a1 += xv * load(w + ldw + k);
+        a2 += xv * load(w + 2L * ldw + k);
+        a3 += xv * load(w + 3L * ldw + k);
+      }
+      float s[4] = {lane_sum(a0), lane_sum(a1), lane_sum(a2), lane_sum(a3)};
+      for (int j = 0; j < 4; j++) {
+        for (int k = kv; k < K; k++) s[j] += x[k] * w[(long)j * ldw + k];
+        store(c + n + j, s[j], alpha, beta);
+      }
+    }
+    for (; n < N; n++) store(c + n, dot(x, W + (long)n * ldw, K), alpha, beta); /* the same sums as above */
+  }
+}
+
+/* nv vectors of a row of C: sum over k of x[k] * V[k, n0 : n0 + nv * VW]. */
+static inline __attribute__((always_inline)) void few_xv_block(const int nv, int K, const float *x,
+                                                               const float *V, int ldv, vf *out) {
+  vf acc[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < nv; j++) acc[j] = (vf){0};
+  for (int k = 0; k < K; k++) {
+    vf xb = (vf){0} + x[k];
+    const float *v = V + (long)k * ldv;
+#pragma GCC unroll 8
+    for (int j = 0; j < nv; j++) acc[j] += xb * load(v + j * VW);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < nv; j++) out[j] = acc[j];
+}
+
+/* C = alpha * X V + beta * C for a few rows (a decode step's attention weights times the values,
+ * one row's head at a time): one thread, V read once per row of X. */
+static void few_xv(int M, int N, int K, float alpha, const float *X, int ldx, const float *V, int ldv,
+                   float beta, float *C, int ldc) {
+  for (int m = 0; m < M; m++) {
+    const float *x = X + (long)m * ldx;
+    float *c = C + (long)m * ldc;
+    int n0 = 0;
+    for (; n0 + VW <= N; n0 += 8 * VW) {
+      int nv = (N - n0) / VW < 8 ? (N - n0) / VW : 8;
+      vf out[8];
+      switch (nv) {
+        case 8: few_xv_block(8, K, x, V + n0, ldv, out); break;
+        case 7: few_xv_block(7, K, x, V + n0, ldv, out); break;
+        case 6: few_xv_block(6, K, x, V + n0, ldv, out); break;
+        case 5: few_xv_block(5, K, x, V + n0, ldv, out); break;
+        case 4: few_xv_block(4, K, x, V + n0, ldv, out); break;
+        case 3: few_xv_block(3, K, x, V + n0, ldv, out); break;
+        case 2: few_xv_block(2, K, x, V + n0, ldv, out); break;
+        default: few_xv_block(1, K, x, V + n0, ldv, out); break;
+      }
+      for (int j = 0; j < nv * VW; j++) store(c + n0 + j, ((float *)out)[j], alpha, beta);
+      if (nv < 8) {
+        n0 += nv * VW;
+        break;
+      }
+    }
+    for (int n = n0; n < N; n++) { /* N's tail, fewer than VW columns */
+      float s = 0.f;
+      for (int k = 0; k < K; k++) s += x[k] * V[(long)k * ldv + n];
+      store(c + n, s, alpha, beta);
+    }
+  }
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   int rows = __atomic_load_n(&mlxq_smallgemm_rows, __ATOMIC_RELAXED);
-  if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && M >= 1 && M <= rows &&
-      K >= MIN_K && N >= 1 && small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) {
-    __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
-    return;
+  if (order == ROW_MAJOR && trans_a == NO_TRANS && M >= 1 && M <= rows && N >= 1 && K >= 1) {
+    if (trans_b == TRANS && K >= MIN_K && small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) {
+      __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    if (M <= FEW_M && trans_b == TRANS && K < MIN_K) {
+      few_xwt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    if (M <= FEW_M && trans_b == NO_TRANS) {
+      few_xv(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
+      return;
+    }
   }
   if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
   next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

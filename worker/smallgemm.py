@@ -8,8 +8,9 @@ wraps around each decode step; prompt processing stays with OpenBLAS.
 :func:`build` compiles it once per machine with the system's C compiler
 (``$CC``, else ``cc`` or ``gcc``) for the CPU it runs on, cached under
 ``$XDG_CACHE_HOME/mlxq`` (``~/.cache/mlxq``) by a hash of the source, the
-compiler and the CPU. Without a compiler, OpenMP or AVX-512, or with
-``MLXQ_SMALL_GEMM=0``, the worker logs why and uses OpenBLAS alone.
+compiler and the CPU: for AVX-512 where the CPU has it, else for AVX2 and FMA.
+Without a compiler, OpenMP or AVX2, or with ``MLXQ_SMALL_GEMM=0``, the worker
+logs why and uses OpenBLAS alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 __all__ = ["SOURCE", "LIBRARY_PREFIX", "build", "loaded_path", "decoding"]
 
@@ -64,16 +65,20 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def build(cache_dir: Optional[Path] = None) -> Optional[str]:
-    """The path of the library built for this machine (built now if not cached), or None with a warning."""
+def build(cache_dir: Optional[Path] = None, extra_flags: Sequence[str] = ()) -> Optional[str]:
+    """The path of the library built for this machine (built now if not cached), or None with a warning.
+
+    ``extra_flags`` go to the compiler after the usual ones (``-mno-avx512f``
+    builds the AVX2 kernel on a CPU with AVX-512).
+    """
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if os.environ.get("MLXQ_SMALL_GEMM", "1") == "0":
         log.info("MLXQ_SMALL_GEMM=0: every matmul goes to OpenBLAS")
         return None
     model, flags = _cpu()
-    if "avx512f" not in flags:
-        log.warning("no AVX-512 on this CPU: decode steps' matmuls stay with OpenBLAS")
+    if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+        log.warning("neither AVX-512 nor AVX2 and FMA on this CPU: decode steps' matmuls stay with OpenBLAS")
         return None
     if not SOURCE.is_file():
         log.warning("%s is missing from the installation: decode steps' matmuls stay with OpenBLAS", SOURCE)
@@ -89,7 +94,7 @@ def build(cache_dir: Optional[Path] = None) -> Optional[str]:
         log.warning("the C compiler %s does not run (%s): decode steps' matmuls stay with OpenBLAS", cc, exc)
         return None
     key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), cc, version, " ".join(FLAGS), model, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
+        [SOURCE.read_text(), cc, version, " ".join([*FLAGS, *extra_flags]), model, " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     directory = cache_dir or _cache_dir()
     target = directory / f"{LIBRARY_PREFIX}{key}.so"
     if target.exists():
@@ -102,7 +107,7 @@ def build(cache_dir: Optional[Path] = None) -> Optional[str]:
         log.warning("cannot write %s (%s): decode steps' matmuls stay with OpenBLAS", directory, exc)
         return None
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", partial, str(SOURCE), "-ldl"],
+        done = subprocess.run([cc, *FLAGS, *extra_flags, "-o", partial, str(SOURCE), "-ldl"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             log.warning("compiling %s failed: decode steps' matmuls stay with OpenBLAS\n%s", SOURCE.name,
