@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlxq.worker.model import load_model
 from mlxq.worker.sampling import RowSampler, make_request_processors, sample
-from mlxq.worker.slots import ATTENTION_ROWS, LENGTH_BLOCK, SHARED_MIN, SlotBatch, slot_attention
+from mlxq.worker.slots import ATTENTION_ROWS, LENGTH_BLOCK, SHARED_MIN, SlotBatch, SlotKVCache, slot_attention
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,21 @@ def test_the_cache_grows_in_blocks_and_shrinks_when_rows_leave(loaded):
     batch.next()
     batch.remove(uids[:1])
     assert batch.nbytes == 0
+
+
+def test_growing_the_cache_holds_at_most_half_a_layer_more_than_the_grown_cache():
+    """Keys, then values: each old array goes before the next new one is made."""
+    mx.set_default_device(mx.cpu)
+    cache = SlotKVCache()
+    cache.resize(8, 1024, 0, 0, (8, 64, mx.float32))  # 16 MiB of keys, 16 of values
+    cache.keys, cache.values = cache.keys + 1, cache.values + 2
+    mx.eval(cache.keys, cache.values)
+    mx.reset_peak_memory()
+    cache.resize(8, 2048, 8, 1024, (8, 64, mx.float32))
+    grown = cache.keys.nbytes + cache.values.nbytes
+    assert mx.get_peak_memory() <= grown + 16 * 2**20 + 2**20  # + the old values; a layer would be 32 MiB
+    assert cache.keys[:, :, :1024].min().item() == cache.keys[:, :, :1024].max().item() == 1
+    assert cache.values[:, :, :1024].min().item() == 2 and cache.values[:, :, 1024:].max().item() == 0
 
 
 def test_the_cache_is_kept_for_sequences_that_wait(loaded):

@@ -151,19 +151,25 @@ class SlotKVCache:
         visible = mx.arange(self._fetch)[None, :] <= self.offset[:, None]
         return visible[:, None, None, :]
 
-    def resize(self, rows: int, length: int, used_rows: int, used_length: int, like: Optional[mx.array]) -> None:
-        """Reallocate to ``rows`` x ``length``, keeping the first ``used_rows`` x ``used_length``."""
+    def resize(self, rows: int, length: int, used_rows: int, used_length: int,
+               like: Optional[tuple[int, int, mx.Dtype]]) -> None:
+        """Reallocate to ``rows`` x ``length``, keeping the first ``used_rows`` x ``used_length``;
+        ``like`` is the heads, head size and dtype of the keys and values."""
         if rows == 0:
             self.keys = self.values = None
             return
-        _, heads, _, dim = like.shape
-        keys = mx.zeros((rows, heads, length, dim), like.dtype)
-        values = mx.zeros((rows, heads, length, dim), like.dtype)
-        if self.keys is not None and used_rows and used_length:
-            keys[:used_rows, :, :used_length] = self.keys[:used_rows, :, :used_length]
-            values[:used_rows, :, :used_length] = self.values[:used_rows, :, :used_length]
-        self.keys, self.values = keys, values
-        mx.eval(self.keys, self.values)  # one layer at a time: the old one is freed next
+        heads, dim, dtype = like
+        keep = self.keys is not None and used_rows and used_length
+        # The keys, then the values, of one layer at a time: each old array is
+        # freed before the next new one is made, so a growth's peak is the cache
+        # plus half a layer, not plus a layer.
+        for name in ("keys", "values"):
+            new = mx.zeros((rows, heads, length, dim), dtype)
+            if keep:
+                new[:used_rows, :, :used_length] = getattr(self, name)[:used_rows, :, :used_length]
+            setattr(self, name, new)
+            mx.eval(new)
+            del new
 
 
 def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx.array], sinks=None) -> mx.array:
@@ -466,7 +472,9 @@ class SlotBatch:
                 c.resize(0, 0, 0, 0, None)
                 continue
             ref = c.keys if c.keys is not None else like[layer]
-            c.resize(rows, length, used_rows, min(used_length, length), ref)
+            shape = (ref.shape[1], ref.shape[3], ref.dtype)
+            del ref  # a reference to the old keys would keep them until the values are copied too
+            c.resize(rows, length, used_rows, min(used_length, length), shape)
 
     # -- prefill -----------------------------------------------------------------------
 
