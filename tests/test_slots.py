@@ -160,9 +160,11 @@ def test_growing_the_cache_holds_at_most_half_a_layer_more_than_the_grown_cache(
     cache.keys, cache.values = cache.keys + 1, cache.values + 2
     mx.eval(cache.keys, cache.values)
     mx.reset_peak_memory()
+    others = mx.get_active_memory() - cache.keys.nbytes - cache.values.nbytes  # arrays of other tests
     cache.resize(8, 2048, 8, 1024, (8, 64, mx.float32))
     grown = cache.keys.nbytes + cache.values.nbytes
-    assert mx.get_peak_memory() <= grown + 16 * 2**20 + 2**20  # + the old values; a layer would be 32 MiB
+    # The grown cache + the old values (16 MiB) and some room; with a whole old layer it would be + 32 MiB.
+    assert mx.get_peak_memory() - others <= grown + 24 * 2**20
     assert cache.keys[:, :, :1024].min().item() == cache.keys[:, :, :1024].max().item() == 1
     assert cache.values[:, :, :1024].min().item() == 2 and cache.values[:, :, 1024:].max().item() == 0
 
