@@ -14,8 +14,13 @@
  *
  * A row of C is summed in the same order whatever M is and wherever the row
  * sits, so a request's result does not depend on the other rows of its batch.
- * It takes the products of X W^T with K of at least 256 (not the attention's)
- * while mlxq_smallgemm_rows is set and M is at most that; the engine sets it
+ * It takes the products of X W^T with K of at least 256 while
+ * mlxq_smallgemm_rows is set and M is at most that. It also takes, in plain
+ * loops on the calling thread, the step's attention products of up to FEW_M
+ * rows: MLX calls cblas_sgemm once per row's head there, one call after
+ * another on one thread, and OpenBLAS's set-up per call cost twice the
+ * product itself (few_xwt: the scores, X W^T with a short K; few_xv: the
+ * weights times the values, X V with V as stored). The engine sets the limit
  * around a decode step only (mlxq.worker.smallgemm.decoding), so that prompt
  * processing, which must compute a position's keys and values the same way
  * whatever else it batches, stays with OpenBLAS. Every other call goes to the

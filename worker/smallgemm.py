@@ -2,7 +2,8 @@
 
 A decode step multiplies a few rows of activations by every weight of the
 model. OpenBLAS repacks the weight on every such call; ``smallgemm.c`` reads it
-in place. It takes a product only inside :func:`decoding`, which the engine
+in place. It also runs the step's attention products (one call per row's
+head, where OpenBLAS's set-up per call cost more than the product). It takes a product only inside :func:`decoding`, which the engine
 wraps around each decode step; prompt processing stays with OpenBLAS.
 
 :func:`build` compiles it once per machine with the system's C compiler
