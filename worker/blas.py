@@ -58,7 +58,8 @@ def fast_blas_preload() -> list[str]:
     if find_openblas() is None:
         return []
     small = build()
-    return [small, find_openblas(openmp_first=True)] if small else [find_openblas()]
+    openblas = find_openblas(openmp_first=small is not None)
+    return [small, openblas] if small else [openblas]
 
 
 def loaded_blas() -> str:

@@ -169,7 +169,6 @@ class SlotKVCache:
                 new[:used_rows, :, :used_length] = getattr(self, name)[:used_rows, :, :used_length]
             setattr(self, name, new)
             mx.eval(new)
-            del new
 
 
 def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx.array], sinks=None) -> mx.array:

@@ -274,17 +274,16 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   int rows = __atomic_load_n(&mlxq_smallgemm_rows, __ATOMIC_RELAXED);
   if (order == ROW_MAJOR && trans_a == NO_TRANS && M >= 1 && M <= rows && N >= 1 && K >= 1) {
-    if (trans_b == TRANS && K >= MIN_K && small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) {
-      __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
-      return;
-    }
-    if (M <= FEW_M && trans_b == TRANS && K < MIN_K) {
+    int taken = 1;
+    if (trans_b == TRANS && K >= MIN_K)
+      taken = small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); /* 0: no buffer, to OpenBLAS */
+    else if (M <= FEW_M && trans_b == TRANS && K < MIN_K)
       few_xwt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-      __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
-      return;
-    }
-    if (M <= FEW_M && trans_b == NO_TRANS) {
+    else if (M <= FEW_M && trans_b == NO_TRANS)
       few_xv(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else
+      taken = 0;
+    if (taken) {
       __atomic_fetch_add(&mlxq_smallgemm_calls, 1, __ATOMIC_RELAXED);
       return;
     }
