@@ -58,6 +58,28 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kernels_path(tmp_path_factory) -> str:
+    """mlxq's C library (``worker/smallgemm.c``) built for this CPU, as the worker builds it."""
+    from mlxq.worker.smallgemm import build
+
+    path = build(tmp_path_factory.mktemp("kernels"))
+    if path is None:
+        pytest.skip("mlxq's C library does not build here (it needs x86-64 with AVX-512 or AVX2, and a C compiler)")
+    return path
+
+
+@pytest.fixture
+def with_kernels(kernels_path):
+    """The C library's elementwise kernels in use in this process (the worker has them preloaded)."""
+    from mlxq.worker import fastmath
+    from mlxq.worker.smallgemm import loaded_path
+
+    fastmath.load_kernels(kernels_path)
+    yield kernels_path
+    fastmath.load_kernels(loaded_path())
+
+
+@pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory, tiny_model) -> Path:
     """LoRA adapters for the tiny model: "zero" changes nothing, "shift" changes its output,
     "broken" has the wrong shapes."""

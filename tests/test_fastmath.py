@@ -8,7 +8,8 @@ import pytest
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention
 
-from mlxq.worker.fastmath import _bucket, fast_exp, patch_model, swiglu
+from mlxq.worker import fastmath
+from mlxq.worker.fastmath import _bucket, fast_exp, patch_model, softmax_prefix, swiglu, swiglu_in_place
 
 
 def test_fast_exp_is_as_close_to_the_true_value_as_mlx_exp():
@@ -40,7 +41,7 @@ def test_a_loaded_cpu_model_uses_them(tiny_model):
     import sys
 
     module = sys.modules[type(loaded.model).__module__]
-    assert module.swiglu is swiglu
+    assert module.swiglu is swiglu_in_place  # the C kernel where it is loaded, else swiglu
     # Attention stays MLX's fused kernel (mx.fast.scaled_dot_product_attention): mlx-lm's, or
     # slot_attention once a slot batch ran the model (the same kernel, a group of rows at a time).
     from mlxq.worker.slots import slot_attention
@@ -70,3 +71,82 @@ def test_a_worker_without_a_compiler_says_its_kernels_run_unfused(tmp_path, tiny
                                    timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert with_compiler.returncode == 0 and "compiler True" in with_compiler.stdout
     assert "no C++ compiler" not in with_compiler.stderr
+
+
+def _cpu_flags() -> set[str]:
+    from mlxq.worker.smallgemm import _cpu
+
+    return _cpu()[1]
+
+
+@pytest.fixture(params=["native", "avx2"])
+def kernels_of_each_build(request, kernels_path, tmp_path_factory):
+    """The C kernels as built for this CPU, and the AVX2 build where this CPU has AVX-512."""
+    from mlxq.worker.smallgemm import build, loaded_path
+
+    path = kernels_path
+    if request.param == "avx2":
+        if "avx512f" not in _cpu_flags():
+            pytest.skip("no AVX-512 here: the native build is the AVX2 one")
+        path = build(tmp_path_factory.mktemp("avx2"), extra_flags=["-mno-avx512f"])
+    fastmath.load_kernels(path)
+    yield path
+    fastmath.load_kernels(loaded_path())
+
+
+def test_the_c_softmax_is_each_rows_softmax_over_its_visible_prefix(kernels_of_each_build):
+    """Rows of lengths around the vector width, prefixes from none to more than the row, both modes."""
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 8, 16, 17, 40, 333):
+        x = (rng.standard_normal((3, 5, n)) * 12).astype(np.float32)
+        valid = rng.integers(0, n + 3, (3, 5)).astype(np.int32)
+        valid[0, 0], valid[0, 1] = 0, n
+        want = np.zeros(x.shape)
+        for i, j in np.ndindex(3, 5):
+            v = min(valid[i, j], n)
+            if v:
+                e = np.exp(x[i, j, :v].astype(np.float64) - x[i, j, :v].max())
+                want[i, j, :v] = e / e.sum()
+        got = np.array(softmax_prefix(mx.array(x), valid))
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+        weights, top, total = softmax_prefix(mx.array(x), valid, stats=True)
+        seen = valid > 0
+        np.testing.assert_allclose(np.array(weights)[seen] / np.array(total)[seen], want[seen], rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(np.array(top)[seen][:, 0], [x[i, j, :min(valid[i, j], n)].max()
+                                                               for i, j in zip(*np.nonzero(seen))])
+        assert (np.array(total)[~seen] == 0).all() and np.isneginf(np.array(top)[~seen]).all()
+
+
+def test_the_c_softmax_of_a_row_does_not_depend_on_its_neighbours(kernels_of_each_build):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 100)).astype(np.float32)
+    valid = rng.integers(1, 100, 64).astype(np.int32)
+    together = np.array(softmax_prefix(mx.array(x), valid))
+    for r in (0, 17, 63):
+        alone = np.array(softmax_prefix(mx.array(x[r:r + 1]), valid[r:r + 1]))
+        assert (alone[0] == together[r]).all()
+
+
+def test_the_c_swiglu_matches_mlx_lm_and_writes_over_the_gate(kernels_of_each_build):
+    for shape in ((2, 9, 300), (1, 1, 7), (4, 1, 2816)):
+        gate = mx.random.normal(shape, key=mx.random.key(2)) * 6
+        x = mx.random.normal(shape, key=mx.random.key(3))
+        want = np.array(mlx_lm_swiglu(gate, x))
+        got = swiglu_in_place(gate, x)
+        np.testing.assert_allclose(np.array(got), want, rtol=2e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.array(gate), np.array(got))
+
+
+def test_without_the_library_swiglu_in_place_leaves_the_gate_alone():
+    from mlxq.worker.smallgemm import loaded_path
+
+    fastmath.load_kernels(None)
+    try:
+        gate = mx.random.normal((3, 50), key=mx.random.key(2))
+        before = np.array(gate)
+        got = swiglu_in_place(gate, gate)
+        np.testing.assert_allclose(np.array(got), np.array(mlx_lm_swiglu(mx.array(before), mx.array(before))),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.array(gate), before)
+    finally:
+        fastmath.load_kernels(loaded_path())

@@ -18,6 +18,14 @@ def loaded(tiny_model):
     return load_model(str(tiny_model))
 
 
+@pytest.fixture(params=["mlx", "c-kernels"])
+def elementwise(request):
+    """Softmax and SiLU in MLX's operations, and in the C kernels the worker preloads."""
+    if request.param == "c-kernels":
+        request.getfixturevalue("with_kernels")
+    return request.param
+
+
 def _encode(loaded, text):
     return loaded.tokenizer.encode(text, add_special_tokens=False)
 
@@ -51,7 +59,7 @@ def _run(loaded, prompts, samplers, cache, width=4, n=10):
     return [got[u] for u in uids]
 
 
-def test_greedy_output_is_the_same_with_the_cache_and_without(loaded):
+def test_greedy_output_is_the_same_with_the_cache_and_without(loaded, elementwise):
     shared, prompts = _prompts(loaded)
     without = _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], None)
     cache = PrefixCache(64 * MB)
@@ -64,7 +72,7 @@ def test_greedy_output_is_the_same_with_the_cache_and_without(loaded):
     assert _run(loaded, prompts, [RowSampler(0.0) for _ in prompts], cache, width=len(prompts)) == without
 
 
-def test_seeded_sampling_is_the_same_with_the_cache_and_without(loaded):
+def test_seeded_sampling_is_the_same_with_the_cache_and_without(loaded, elementwise):
     _, prompts = _prompts(loaded)
 
     def samplers():

@@ -18,6 +18,14 @@ def loaded(tiny_model):
     return load_model(str(tiny_model))
 
 
+@pytest.fixture(autouse=True, params=["mlx", "c-kernels"])
+def elementwise(request):
+    """Every test with softmax and SiLU in MLX's operations, and in the C kernels the worker preloads."""
+    if request.param == "c-kernels":
+        request.getfixturevalue("with_kernels")
+    return request.param
+
+
 def _prompts(tokenizer, count):
     # Lengths from 1 token to a few hundred, so prefill batches pad and rows differ.
     prompts = [tokenizer.encode("Hi", add_special_tokens=False)[:1]]

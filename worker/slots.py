@@ -38,7 +38,7 @@ from typing import Callable, Hashable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .fastmath import fast_exp
+from .fastmath import fast_exp, kernels, softmax_prefix
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 from .smallgemm import decoding
@@ -224,13 +224,19 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     keys = keys.reshape(rows * kv_heads, length, dim)
     values = values.reshape(rows * kv_heads, length, dim)
     step = max(1, SCORES_BYTES // (per * n * length * 4))
+    # With the C kernels, each slice's softmax is one pass over its scores in place,
+    # each query over the positions the (causal) mask shows it.
+    valid = np.tile(np.array(mask.astype(mx.int32).sum(axis=-1)), per) if kernels() and mask.ndim == 2 else None
     out = []
     for lo in range(0, rows * kv_heads, step):
         hi = min(lo + step, rows * kv_heads)
-        scores = (q[lo:hi] @ keys[lo:hi].swapaxes(-1, -2)).reshape(hi - lo, per, n, length)
-        scores = mx.where(mask, scores, -mx.inf)
-        weights = fast_exp(scores - scores.max(axis=-1, keepdims=True)).reshape(hi - lo, per * n, length)
-        out.append((weights @ values[lo:hi]) / weights.sum(axis=-1, keepdims=True))
+        scores = q[lo:hi] @ keys[lo:hi].swapaxes(-1, -2)
+        if valid is not None:
+            out.append(softmax_prefix(scores, valid) @ values[lo:hi])
+        else:
+            scores = mx.where(mask, scores.reshape(hi - lo, per, n, length), -mx.inf)
+            weights = fast_exp(scores - scores.max(axis=-1, keepdims=True)).reshape(hi - lo, per * n, length)
+            out.append((weights @ values[lo:hi]) / weights.sum(axis=-1, keepdims=True))
         if hi < rows * kv_heads:
             # MLX would otherwise compute every slice's scores side by side.
             mx.eval(out[-1])
@@ -241,7 +247,15 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
 def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
     """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries)
     on the CPU: MLX's fused attention falls back there to a softmax on its slow
-    ``exp``; this one uses :func:`fast_exp`."""
+    ``exp``; this one uses the C kernels' softmax where they are loaded, else :func:`fast_exp`."""
+    if kernels() is not None and queries.dtype == mx.float32:
+        rows, heads, _, dim = queries.shape
+        kv_heads = keys.shape[1]
+        q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
+        scores, valid = q @ keys.swapaxes(-1, -2), mask.astype(mx.int32).sum(axis=-1)
+        mx.eval(scores, valid)
+        weights = softmax_prefix(scores, np.array(valid, copy=False))
+        return (weights @ values).reshape(queries.shape)
     scores = _decode_scores(queries, keys, scale, mask)
     weights = fast_exp(scores - scores.max(axis=-1, keepdims=True))
     out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
@@ -266,9 +280,12 @@ def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: flo
     per = heads // kv_heads
     q = (queries * scale).reshape(rows, kv_heads, per, dim).transpose(1, 2, 0, 3).reshape(kv_heads, per * rows, dim)
     scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)
-    top = scores.max(axis=-1, keepdims=True)
-    weights = fast_exp(scores - top)  # rows x shared scores: MLX's exp would take most of the time
-    total = weights.sum(axis=-1, keepdims=True)
+    if kernels() is not None and values.dtype == mx.float32:
+        weights, top, total = softmax_prefix(scores, np.array(scores.shape[-1], np.int32), stats=True)
+    else:
+        top = scores.max(axis=-1, keepdims=True)
+        weights = fast_exp(scores - top)  # rows x shared scores: MLX's exp would take most of the time
+        total = weights.sum(axis=-1, keepdims=True)
     out = (weights.astype(values.dtype) @ values).astype(mx.float32)
 
     def by_row(x: mx.array) -> mx.array:
@@ -280,6 +297,17 @@ def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: flo
 def _own_part(queries, keys, values, scale: float, mask, top, total, out) -> mx.array:
     """Attention of each row over its own positions after the shared ones (``keys``,
     ``values``: ``rows x kv_heads x n x dim``), joined with the shared part's statistics."""
+    if kernels() is not None and values.dtype == mx.float32 and queries.dtype == mx.float32:
+        rows, heads, _, dim = queries.shape
+        q = (queries * scale).reshape(rows, keys.shape[1], heads // keys.shape[1], dim)
+        scores, valid = q @ keys.swapaxes(-1, -2), mask.astype(mx.int32).sum(axis=-1)
+        mx.eval(scores, valid)
+        weights, own_top, own_total = softmax_prefix(scores, np.array(valid, copy=False), stats=True)
+        top_all = mx.maximum(top, own_top)
+        shared, own = mx.exp(top - top_all), mx.exp(own_top - top_all)  # one per row's head
+        total = total * shared + own_total * own
+        out = out * shared + (weights @ values) * own
+        return (out / total).reshape(queries.shape)
     scores = _decode_scores(queries, keys, scale, mask)
     own_top = scores.max(axis=-1, keepdims=True)
     top_all = mx.maximum(top, own_top)

@@ -26,6 +26,10 @@
  * whatever else it batches, stays with OpenBLAS. Every other call goes to the
  * next cblas_sgemm in the process, OpenBLAS's.
  *
+ * The same library holds two elementwise kernels that mlxq.worker.fastmath
+ * calls through ctypes on MLX arrays' memory: a softmax over each row's visible
+ * prefix (attention's) and SiLU(gate) * up (the MLP's), both on a vector exp.
+ *
  * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
  * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W)
  * or with AVX2 and FMA (16 registers: 12 accumulators, 2 rows of X, 1 of W).
@@ -290,4 +294,117 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
   }
   if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
   next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* ---- Elementwise kernels for MLX arrays, called through ctypes (mlxq.worker.fastmath) ----
+ *
+ * MLX's CPU exp is scalar and its compiled kernels split a long expression into
+ * several passes over memory; these run the same Cephes expf as
+ * mlxq.worker.fastmath (range reduction by ln 2, a degree-7 polynomial, the
+ * power of two built in the exponent bits) a vector at a time, in one pass. */
+
+static inline vf vexp(vf x) {
+  const vf lo = (vf){0} - 87.f, hi = (vf){0} + 88.f;
+#if VW == 16
+  x = (vf)_mm512_min_ps(_mm512_max_ps((__m512)x, (__m512)lo), (__m512)hi);
+  vf k = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f + 0.5f), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  vf two_k = (vf)_mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvttps_epi32((__m512)k), _mm512_set1_epi32(127)), 23));
+#else
+  x = (vf)_mm256_min_ps(_mm256_max_ps((__m256)x, (__m256)lo), (__m256)hi);
+  vf k = (vf)_mm256_floor_ps((__m256)(x * 1.44269504088896341f + 0.5f));
+  vf two_k = (vf)_mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32((__m256)k), _mm256_set1_epi32(127)), 23));
+#endif
+  vf r = x - k * 0.693359375f - k * -2.12194440e-4f;
+  vf y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  return y * two_k;
+}
+
+#if VW == 16
+static inline float lane_max(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline vf vmaxv(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+static inline float lane_max(vf v) {
+  __m256 x = (__m256)v;
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vf vmaxv(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#endif
+
+static inline void store_v(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* One row's softmax over its first `valid` entries, in place; the rest become 0.
+ * With top and total, the row's max and its sum of exp(x - max) go there and the
+ * row keeps exp(x - max) unnormalised (for attention joined from parts). */
+static void softmax_row(float *x, long n, long valid, float *top, float *total) {
+  long v = valid < n ? valid : n, i;
+  if (v <= 0) {
+    memset(x, 0, n * sizeof(float));
+    if (top) *top = -__builtin_inff(), *total = 0.f;
+    return;
+  }
+  vf mv = (vf){0} - __builtin_inff();
+  for (i = 0; i + VW <= v; i += VW) mv = vmaxv(mv, load(x + i));
+  float m = lane_max(mv);
+  for (; i < v; i++) m = x[i] > m ? x[i] : m;
+  vf sv = {0}, mb = (vf){0} + m;
+  for (i = 0; i + VW <= v; i += VW) {
+    vf e = vexp(load(x + i) - mb);
+    store_v(x + i, e);
+    sv += e;
+  }
+  float s = lane_sum(sv);
+  if (i < v) { /* the tail through a padded vector: the same exp as the rest */
+    float t[VW];
+    long rest = v - i;
+    for (long j = 0; j < VW; j++) t[j] = j < rest ? x[i + j] - m : -100.f;
+    vf e = vexp(load(t));
+    memcpy(t, &e, sizeof e);
+    for (long j = 0; j < rest; j++) x[i + j] = t[j], s += t[j];
+  }
+  if (v < n) memset(x + v, 0, (n - v) * sizeof(float));
+  if (top) {
+    *top = m, *total = s;
+    return;
+  }
+  vf inv = (vf){0} + 1.f / s;
+  for (i = 0; i + VW <= v; i += VW) store_v(x + i, load(x + i) * inv);
+  for (; i < v; i++) x[i] *= 1.f / s;
+}
+
+/* Softmax of `rows` rows of `n` floats in place, row r over its first valid[r]
+ * entries (attention's masks are prefixes: causal, or a row's length). Rows
+ * are independent: a row's result does not depend on the others. */
+void mlxq_softmax(float *x, long rows, long n, const int *valid, float *top, float *total) {
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FLOATS * 4)
+  for (long r = 0; r < rows; r++)
+    softmax_row(x + r * n, n, valid[r], top ? top + r : 0, top ? total + r : 0);
+}
+
+/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise over n floats
+ * (out may be gate or up). */
+void mlxq_swiglu(const float *gate, const float *up, float *out, long n) {
+  long blocks = n / VW;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_FLOATS * 4)
+  for (long b = 0; b < blocks; b++) {
+    vf g = load(gate + b * VW);
+    store_v(out + b * VW, g / (1.f + vexp((vf){0} - g)) * load(up + b * VW));
+  }
+  if (blocks * VW < n) {
+    float g[VW] = {0}, u[VW] = {0};
+    long rest = n - blocks * VW;
+    memcpy(g, gate + blocks * VW, rest * sizeof(float));
+    memcpy(u, up + blocks * VW, rest * sizeof(float));
+    vf gv = load(g), r = gv / (1.f + vexp((vf){0} - gv)) * load(u);
+    memcpy(g, &r, sizeof r);
+    memcpy(out + blocks * VW, g, rest * sizeof(float));
+  }
 }

@@ -3,15 +3,18 @@
 A decode step multiplies a few rows of activations by every weight of the
 model. OpenBLAS repacks the weight on every such call; ``smallgemm.c`` reads it
 in place. It also runs the step's attention products (one call per row's
-head, where OpenBLAS's set-up per call cost more than the product). It takes a product only inside :func:`decoding`, which the engine
-wraps around each decode step; prompt processing stays with OpenBLAS.
+head, where OpenBLAS's set-up per call cost more than the product). It takes a
+product only inside :func:`decoding`, which the engine wraps around each decode
+step; prompt processing stays with OpenBLAS. The library also holds the vector
+softmax and SiLU that :mod:`mlxq.worker.fastmath` calls, in prompt processing
+and decode steps alike.
 
 :func:`build` compiles it once per machine with the system's C compiler
 (``$CC``, else ``cc`` or ``gcc``) for the CPU it runs on, cached under
 ``$XDG_CACHE_HOME/mlxq`` (``~/.cache/mlxq``) by a hash of the source, the
 compiler and the CPU: for AVX-512 where the CPU has it, else for AVX2 and FMA.
 Without a compiler, OpenMP or AVX2, or with ``MLXQ_SMALL_GEMM=0``, the worker
-logs why and uses OpenBLAS alone.
+logs why and uses OpenBLAS alone, and MLX's operations for softmax and SiLU.
 """
 
 from __future__ import annotations
