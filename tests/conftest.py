@@ -72,11 +72,11 @@ def kernels_path(tmp_path_factory) -> str:
 def with_kernels(kernels_path):
     """The C library's elementwise kernels in use in this process (the worker has them preloaded)."""
     from mlxq.worker import fastmath
-    from mlxq.worker.smallgemm import loaded_path
 
+    before = fastmath._kernels, fastmath._looked
     fastmath.load_kernels(kernels_path)
     yield kernels_path
-    fastmath.load_kernels(loaded_path())
+    fastmath._kernels, fastmath._looked = before
 
 
 @pytest.fixture(scope="session")

@@ -82,16 +82,17 @@ def _cpu_flags() -> set[str]:
 @pytest.fixture(params=["native", "avx2"])
 def kernels_of_each_build(request, kernels_path, tmp_path_factory):
     """The C kernels as built for this CPU, and the AVX2 build where this CPU has AVX-512."""
-    from mlxq.worker.smallgemm import build, loaded_path
+    from mlxq.worker.smallgemm import build
 
     path = kernels_path
     if request.param == "avx2":
         if "avx512f" not in _cpu_flags():
             pytest.skip("no AVX-512 here: the native build is the AVX2 one")
         path = build(tmp_path_factory.mktemp("avx2"), extra_flags=["-mno-avx512f"])
+    before = fastmath._kernels, fastmath._looked
     fastmath.load_kernels(path)
     yield path
-    fastmath.load_kernels(loaded_path())
+    fastmath._kernels, fastmath._looked = before
 
 
 def test_the_c_softmax_is_each_rows_softmax_over_its_visible_prefix(kernels_of_each_build):
@@ -138,8 +139,7 @@ def test_the_c_swiglu_matches_mlx_lm_and_writes_over_the_gate(kernels_of_each_bu
 
 
 def test_without_the_library_swiglu_in_place_leaves_the_gate_alone():
-    from mlxq.worker.smallgemm import loaded_path
-
+    state = fastmath._kernels, fastmath._looked
     fastmath.load_kernels(None)
     try:
         gate = mx.random.normal((3, 50), key=mx.random.key(2))
@@ -149,4 +149,36 @@ def test_without_the_library_swiglu_in_place_leaves_the_gate_alone():
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.array(gate), before)
     finally:
-        fastmath.load_kernels(loaded_path())
+        fastmath._kernels, fastmath._looked = state
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (4, 4, 64), (16, 16, 64), (2, 1, 128)])
+def test_the_c_decode_attention_equals_mlx_fused_attention(kernels_of_each_build, heads, kv_heads, dim):
+    """Grouped query heads or not, on views of a larger cache, each row as far as its own length."""
+    from mlxq.worker.fastmath import decode_attention
+
+    mx.random.seed(9)
+    rows, length = 6, 70
+    queries = mx.random.normal((rows, heads, 1, dim))
+    cache_k = mx.random.normal((rows + 2, kv_heads, 96, dim))
+    cache_v = mx.random.normal((rows + 2, kv_heads, 96, dim))
+    keys, values = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
+    seen = mx.array([0, 5, 15, 16, 17, 69])  # the last position each row sees
+    mask = (mx.arange(length)[None, :] <= seen[:, None])[:, None, None, :]
+    want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
+    got = decode_attention(queries, keys, values, dim ** -0.5, mask)
+    assert got is not None and got.shape == want.shape
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    # A row's result is the same alone as beside the others.
+    alone = decode_attention(queries[3:4], keys[3:4], values[3:4], dim ** -0.5, mask[3:4])
+    assert (np.array(alone)[0] == np.array(got)[3]).all()
+
+
+def test_the_c_decode_attention_declines_what_it_does_not_cover(kernels_of_each_build):
+    from mlxq.worker.fastmath import decode_attention
+
+    queries = mx.random.normal((2, 4, 1, 24))  # a head of 24 floats is not whole vectors
+    keys = mx.random.normal((2, 4, 10, 24))
+    assert decode_attention(queries, keys, keys, 0.2, None) is None
+    half = mx.random.normal((2, 4, 1, 64)).astype(mx.float16)
+    assert decode_attention(half, half, half, 0.2, None) is None

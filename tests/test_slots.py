@@ -324,19 +324,32 @@ def test_decode_attention_equals_mlx_fused_attention():
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
 
 
-def test_decode_steps_on_the_cpu_use_that_attention(loaded, monkeypatch):
-    """Rows in one group and in several: every decode step goes through it, and the tokens are mlx-lm's."""
+def test_decode_steps_on_the_cpu_use_that_attention(loaded, monkeypatch, elementwise):
+    """Rows in one group and in several: every decode step goes through it (with the C kernel,
+    once a layer for all rows), and the tokens are mlx-lm's."""
     import mlxq.worker.slots as slots
 
-    calls = []
-    original = slots._decode_attention
+    calls, fused = [], []
+    original, kernel = slots._decode_attention, slots.decode_attention
     monkeypatch.setattr(slots, "_decode_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+
+    def counted(*a, **k):
+        out = kernel(*a, **k)
+        if out is not None:
+            fused.append(a[0].shape)
+        return out
+
+    monkeypatch.setattr(slots, "decode_attention", counted)
     for count in (2, ATTENTION_ROWS + 3):
         prompts = _prompts(loaded.tokenizer, count)
-        calls.clear()
+        calls.clear(), fused.clear()
         expected = [_stock_greedy(loaded.model, p, 4) for p in prompts]
         assert _run(SlotBatch(loaded.model, width=count, prefill_tokens=10_000), prompts,
                     [RowSampler(0.0) for _ in prompts], [4] * count) == expected
+        if elementwise == "c-kernels":
+            assert not calls and len(fused) >= 3 * len(loaded.model.layers)  # at least 3 decode steps
+            assert all(shape[0] == count and shape[2] == 1 for shape in fused)
+            continue
         groups = -(-count // ATTENTION_ROWS)
-        assert len(calls) >= 3 * groups * len(loaded.model.layers)  # at least 3 decode steps
+        assert not fused and len(calls) >= 3 * groups * len(loaded.model.layers)
         assert sum(shape[0] for shape in calls) % count == 0 and all(shape[2] == 1 for shape in calls)

@@ -38,7 +38,7 @@ from typing import Callable, Hashable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .fastmath import fast_exp, kernels, softmax_prefix
+from .fastmath import decode_attention, fast_exp, kernels, softmax_prefix
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 from .smallgemm import decoding
@@ -190,6 +190,11 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
         from mlx_lm.models.base import scaled_dot_product_attention
 
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    if not cache.runs and cpu_float32:
+        # The C kernel reads each row's keys and values only as far as the row goes.
+        out = decode_attention(queries, keys, values, scale, mask)
+        if out is not None:
+            return out
     shared = [_shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
               for a, b, n in cache.runs]
     out = []
@@ -247,15 +252,10 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
 def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
     """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries)
     on the CPU: MLX's fused attention falls back there to a softmax on its slow
-    ``exp``; this one uses the C kernels' softmax where they are loaded, else :func:`fast_exp`."""
-    if kernels() is not None and queries.dtype == mx.float32:
-        rows, heads, _, dim = queries.shape
-        kv_heads = keys.shape[1]
-        q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-        scores, valid = q @ keys.swapaxes(-1, -2), mask.astype(mx.int32).sum(axis=-1)
-        mx.eval(scores, valid)
-        weights = softmax_prefix(scores, np.array(valid, copy=False))
-        return (weights @ values).reshape(queries.shape)
+    ``exp``; this one is the C kernel where it is loaded, else uses :func:`fast_exp`."""
+    out = decode_attention(queries, keys, values, scale, mask)
+    if out is not None:
+        return out
     scores = _decode_scores(queries, keys, scale, mask)
     weights = fast_exp(scores - scores.max(axis=-1, keepdims=True))
     out = (weights @ values) / weights.sum(axis=-1, keepdims=True)

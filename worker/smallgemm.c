@@ -408,3 +408,81 @@ void mlxq_swiglu(const float *gate, const float *up, float *out, long n) {
     memcpy(out + blocks * VW, g, rest * sizeof(float));
   }
 }
+
+/* Decode attention, fused: for each row and query head, scores over the row's
+ * first valid[r] positions, their softmax and the weighted sum of the values,
+ * reading each key and value once (query heads that share a KV head share the
+ * reads). q and out: rows x heads x dim; keys and values: position p of KV
+ * head h of row r at r * row_stride + h * head_stride + p * dim. Each row's
+ * head is summed in the same order whatever the other rows are. */
+static __thread float *att_scratch;
+static __thread size_t att_scratch_size;
+
+static inline __attribute__((always_inline)) void attend_head(const long dv, const float *q, const float *k,
+                                                             const float *v, float *out, long per, long n,
+                                                             float scale, float *s) {
+  const long dim = dv * VW;
+  for (long h = 0; h < per; h++) {
+    const float *qh = q + h * dim;
+    float *sh = s + h * n;
+    vf qv[dv];
+    for (long c = 0; c < dv; c++) qv[c] = load(qh + c * VW) * scale;
+    for (long p = 0; p < n; p++) {
+      const float *kp = k + p * dim;
+      vf acc = qv[0] * load(kp);
+      for (long c = 1; c < dv; c++) acc += qv[c] * load(kp + c * VW);
+      sh[p] = lane_sum(acc);
+    }
+  }
+  for (long h = 0; h < per; h++) {
+    float top, total;
+    softmax_row(s + h * n, n, n, &top, &total);
+    vf acc[dv];
+    for (long c = 0; c < dv; c++) acc[c] = (vf){0};
+    const float *w = s + h * n;
+    for (long p = 0; p < n; p++) {
+      const float *vp = v + p * dim;
+      vf wp = (vf){0} + w[p];
+      for (long c = 0; c < dv; c++) acc[c] += wp * load(vp + c * VW);
+    }
+    vf inv = (vf){0} + 1.f / total;
+    for (long c = 0; c < dv; c++) store_v(out + h * dim + c * VW, acc[c] * inv);
+  }
+}
+
+/* 0 when done; -1 (nothing done) unless a head is 1, 2, 4, 8 or 16 vectors. */
+int mlxq_decode_attention(const float *q, const float *keys, const float *values, float *out, long rows,
+                          long heads, long kv_heads, long dim, long row_stride, long head_stride,
+                          const int *valid, float scale) {
+  const long dv = dim / VW;
+  if (dim % VW || (dv != 1 && dv != 2 && dv != 4 && dv != 8 && dv != 16) || heads % kv_heads) return -1;
+  const long per = heads / kv_heads;
+  long most = 1;
+  for (long r = 0; r < rows; r++) most = valid[r] > most ? valid[r] : most;
+#pragma omp parallel for schedule(dynamic, 1) if (rows * kv_heads > 1 && most * dim * rows * kv_heads >= PARALLEL_FLOATS)
+  for (long i = 0; i < rows * kv_heads; i++) {
+    const long r = i / kv_heads, h = i % kv_heads;
+    const size_t need = (size_t)per * most * sizeof(float);
+    if (att_scratch_size < need) {
+      free(att_scratch);
+      att_scratch = malloc(need);
+      att_scratch_size = att_scratch ? need : 0;
+    }
+    float *o = out + (r * heads + h * per) * dim;
+    const long n = valid[r];
+    if (n <= 0 || !att_scratch) {
+      memset(o, 0, per * dim * sizeof(float));
+      continue;
+    }
+    const float *qh = q + (r * heads + h * per) * dim, *k = keys + r * row_stride + h * head_stride,
+                *v = values + r * row_stride + h * head_stride;
+    switch (dim / VW) { /* a constant count of vectors a head, so that they stay in registers */
+      case 1: attend_head(1, qh, k, v, o, per, n, scale, att_scratch); break;
+      case 2: attend_head(2, qh, k, v, o, per, n, scale, att_scratch); break;
+      case 4: attend_head(4, qh, k, v, o, per, n, scale, att_scratch); break;
+      case 8: attend_head(8, qh, k, v, o, per, n, scale, att_scratch); break;
+      case 16: attend_head(16, qh, k, v, o, per, n, scale, att_scratch); break;
+    }
+  }
+  return 0;
+}
