@@ -26,9 +26,11 @@
  * whatever else it batches, stays with OpenBLAS. Every other call goes to the
  * next cblas_sgemm in the process, OpenBLAS's.
  *
- * The same library holds two elementwise kernels that mlxq.worker.fastmath
- * calls through ctypes on MLX arrays' memory: a softmax over each row's visible
- * prefix (attention's) and SiLU(gate) * up (the MLP's), both on a vector exp.
+ * The same library holds kernels that mlxq.worker.fastmath calls through
+ * ctypes on MLX arrays' memory, all on a vector exp: a softmax over each row's
+ * visible prefix (attention's), SiLU(gate) * up (the MLP's), and a decode
+ * step's attention fused (scores, softmax and values in one pass over a row's
+ * keys and values).
  *
  * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
  * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W)
