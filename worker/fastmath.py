@@ -105,7 +105,7 @@ _looked = False
 
 
 def load_kernels(path: Optional[str]) -> Optional[ctypes.CDLL]:
-    """Use the elementwise kernels of the library at ``path`` (None: MLX's operations only)."""
+    """Use the kernels of the library at ``path`` (None: MLX's operations only)."""
     global _kernels, _looked
     _looked = True
     _kernels = None
@@ -125,7 +125,8 @@ def load_kernels(path: Optional[str]) -> Optional[ctypes.CDLL]:
 
 def kernels() -> Optional[ctypes.CDLL]:
     """The library of :mod:`mlxq.worker.smallgemm` if this process has it mapped (the worker
-    preloads it), whose vector ``exp`` runs a softmax or a SiLU in one pass; else None."""
+    preloads it), whose vector ``exp`` runs a softmax, a SiLU or a decode step's attention in
+    one pass; else None."""
     if not _looked:
         from .smallgemm import loaded_path
 
@@ -178,6 +179,36 @@ def swiglu_in_place(gate: mx.array, x: mx.array) -> mx.array:
     return gate
 
 
+def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                     mask: Optional[mx.array]) -> Optional[mx.array]:
+    """A decode step's attention by the C kernel, or None where it does not apply.
+
+    ``queries``: ``rows x heads x 1 x dim``; ``keys``, ``values``: ``rows x kv_heads x n x dim``,
+    views of a cache (each position's ``dim`` floats contiguous); ``mask``: ``rows x 1 x 1 x n``,
+    each row's visible positions, a prefix (None: all ``n``). Each row's head reads only its
+    visible keys and values, once, and is summed the same way whatever the other rows are.
+    """
+    lib = kernels()
+    rows, heads, one, dim = queries.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    if (lib is None or one != 1 or any(x.dtype != mx.float32 for x in (queries, keys, values))
+            or (mask is not None and mask.size != rows * n)):
+        return None
+    valid = mask.astype(mx.int32).sum(axis=-1) if mask is not None else None
+    mx.eval(queries, keys, values, *([valid] if valid is not None else []))
+    k, v = np.array(keys, copy=False), np.array(values, copy=False)
+    if k.strides != v.strides or k.strides[2:] != (4 * dim, 4) or k.strides[0] % 4 or k.strides[1] % 4:
+        return None
+    q = np.ascontiguousarray(np.array(queries, copy=False))
+    counts = (np.minimum(np.array(valid, copy=False).reshape(rows), n) if valid is not None
+              else np.full(rows, n)).astype(np.int32)
+    out = np.empty((rows, heads, 1, dim), np.float32)
+    if lib.mlxq_decode_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, rows, heads, kv_heads,
+                                 dim, k.strides[0] // 4, k.strides[1] // 4, counts.ctypes.data, scale) != 0:
+        return None
+    return mx.array(out)
+
+
 _ORIGINALS: dict[str, Any] = {}
 
 
@@ -225,32 +256,3 @@ def patch_model(model: Any) -> list[str]:
             swapped.append(name)
     return swapped
 
-
-def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                     mask: Optional[mx.array]) -> Optional[mx.array]:
-    """A decode step's attention by the C kernel, or None where it does not apply.
-
-    ``queries``: ``rows x heads x 1 x dim``; ``keys``, ``values``: ``rows x kv_heads x n x dim``,
-    views of a cache (each position's ``dim`` floats contiguous); ``mask``: ``rows x 1 x 1 x n``,
-    each row's visible positions, a prefix (None: all ``n``). Each row's head reads only its
-    visible keys and values, once, and is summed the same way whatever the other rows are.
-    """
-    lib = kernels()
-    rows, heads, one, dim = queries.shape
-    kv_heads, n = keys.shape[1], keys.shape[2]
-    if (lib is None or one != 1 or any(x.dtype != mx.float32 for x in (queries, keys, values))
-            or (mask is not None and mask.size != rows * n)):
-        return None
-    valid = mask.astype(mx.int32).sum(axis=-1) if mask is not None else None
-    mx.eval(queries, keys, values, *([valid] if valid is not None else []))
-    k, v = np.array(keys, copy=False), np.array(values, copy=False)
-    if k.strides != v.strides or k.strides[2:] != (4 * dim, 4) or k.strides[0] % 4 or k.strides[1] % 4:
-        return None
-    q = np.ascontiguousarray(np.array(queries, copy=False))
-    counts = (np.minimum(np.array(valid, copy=False).reshape(rows), n) if valid is not None
-              else np.full(rows, n)).astype(np.int32)
-    out = np.empty((rows, heads, 1, dim), np.float32)
-    if lib.mlxq_decode_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, rows, heads, kv_heads,
-                                 dim, k.strides[0] // 4, k.strides[1] // 4, counts.ctypes.data, scale) != 0:
-        return None
-    return mx.array(out)
