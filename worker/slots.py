@@ -439,13 +439,15 @@ class SlotBatch:
             n = moved.length
             if n:
                 # Materialise the last row first: the write must not read the
-                # buffer it writes to (that would copy the whole cache).
-                parts = [(c.keys[last, :, :n] + 0, c.values[last, :, :n] + 0) for c in self.caches]
-                mx.eval(parts)
-                for c, (k, v) in zip(self.caches, parts):
+                # buffer it writes to (that would copy the whole cache). A layer
+                # at a time: all layers' at once of a long row are a transient of
+                # hundreds of MB (0.5B shape, 1,248 positions: 245 MB).
+                for c in self.caches:
+                    k, v = c.keys[last, :, :n] + 0, c.values[last, :, :n] + 0
+                    mx.eval(k, v)
                     c.keys[i, :, :n] = k
                     c.values[i, :, :n] = v
-                mx.eval([c.state for c in self.caches])
+                    mx.eval(c.state)
             self.rows[i] = moved
         self.rows.pop()
 
