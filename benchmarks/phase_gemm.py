@@ -40,10 +40,10 @@ def matmul_params(config: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from mlxq.worker.blas import fast_blas_preload
+    from mlxq.worker.blas import fast_blas_env
 
     log(f"gemm: the model's matmul shapes at {PEAK_ROWS} and {args.width} rows")
-    return run_phase("gemm", model_dir, requests_file, clean_env(preload=":".join(fast_blas_preload())), args.timeout,
+    return run_phase("gemm", model_dir, requests_file, clean_env(**fast_blas_env()), args.timeout,
                      width=args.width)
 
 

@@ -19,13 +19,13 @@ from harness import (
 
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from mlxq.worker.blas import find_openblas
+    from mlxq.worker.blas import find_openblas, openblas_env
 
     openblas = find_openblas()
     if openblas is None:
         log("warning: OpenBLAS not found; the raw phase (like the worker) uses the reference BLAS")
     log(f"raw: batch_generate, {args.requests} requests, width {args.width}")
-    return run_phase("raw", model_dir, requests_file, clean_env(preload=openblas), args.timeout,
+    return run_phase("raw", model_dir, requests_file, clean_env(preload=openblas, **openblas_env(openblas)), args.timeout,
                      width=args.width, seed=args.seed)
 
 

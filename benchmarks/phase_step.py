@@ -22,10 +22,10 @@ STEPS = 8
 
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
-    from mlxq.worker.blas import fast_blas_preload
+    from mlxq.worker.blas import fast_blas_env
 
     log(f"step: a decode step of {args.width} rows, in parts")
-    return run_phase("step", model_dir, requests_file, clean_env(preload=":".join(fast_blas_preload())), args.timeout,
+    return run_phase("step", model_dir, requests_file, clean_env(**fast_blas_env()), args.timeout,
                      width=args.width, seed=args.seed)
 
 

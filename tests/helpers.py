@@ -186,6 +186,11 @@ class WorkerProcess:
         found = re.search(r" BLAS (\S+?),", self.text())
         return found.group(1) if found else "unknown"
 
+    def openblas_kernels(self) -> str:
+        """The OpenBLAS core whose kernels the worker's log says it runs ("-" without OpenBLAS)."""
+        found = re.search(r" OpenBLAS kernels (\S+?),", self.text())
+        return found.group(1) if found else "unknown"
+
     def peak_rss_mb(self) -> Optional[float]:
         """The worker's VmHWM in MB, while it runs."""
         return read_vmhwm_mb(str(self.pid))

@@ -112,7 +112,7 @@ print(json.dumps({"blas": loaded_blas(), "text": generate(m.model, m.tokenizer, 
 
 
 def test_openblas_gives_the_same_greedy_tokens_as_the_reference_blas(tiny_model):
-    from mlxq.worker.blas import find_openblas
+    from mlxq.worker.blas import find_openblas, openblas_env
 
     lib = find_openblas()
     assert lib, "OpenBLAS is not installed (apt-get install libopenblas0-pthread); .ci/setup installs it"
@@ -120,9 +120,37 @@ def test_openblas_gives_the_same_greedy_tokens_as_the_reference_blas(tiny_model)
     for name, preload in (("reference", ""), ("openblas", lib)):
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         if preload:
-            env["LD_PRELOAD"] = preload
+            env.update(openblas_env(preload), LD_PRELOAD=preload)  # with the kernels the worker would name
         out = subprocess.run([sys.executable, "-c", _GREEDY, str(tiny_model)], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120, check=True)
         runs[name] = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert runs["reference"]["blas"] == "reference" and runs["openblas"]["blas"] == "openblas"
     assert runs["reference"]["text"] == runs["openblas"]["text"]
+
+
+_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+@pytest.mark.parametrize("core, flags, named", [
+    ("Prescott", _AVX512 | {"avx2", "fma", "avx512_bf16"}, "SkylakeX"),  # Emerald Rapids, Debian 12's OpenBLAS
+    ("Prescott", {"sse3", "avx", "avx2", "fma"}, "Haswell"),
+    ("Sandybridge", {"sse3", "avx", "avx2", "fma"}, "Haswell"),
+    ("Prescott", {"sse3"}, None),  # nothing better to name
+    ("SkylakeX", _AVX512 | {"avx2", "fma"}, None),  # OpenBLAS knew the CPU
+    ("Cooperlake", _AVX512 | {"avx2", "fma"}, None),
+    ("Haswell", {"avx2", "fma"}, None),
+    ("Zen", {"avx2", "fma"}, None),
+    (None, _AVX512, None),  # an OpenBLAS that does not say
+])
+def test_openblas_is_given_vector_kernels_only_where_it_took_the_cpu_for_an_older_one(core, flags, named):
+    from mlxq.worker.blas import coretype_for
+
+    assert coretype_for(core, flags) == named
+
+
+def test_a_coretype_the_user_set_is_left_alone(monkeypatch):
+    from mlxq.worker.blas import fast_blas_env, find_openblas, openblas_env
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert openblas_env(find_openblas()) == {}
+    assert "OPENBLAS_CORETYPE" not in fast_blas_env()

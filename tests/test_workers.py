@@ -10,7 +10,7 @@ from celery import Celery
 from helpers import MLXQ, ROOT, WorkerProcess, clean_env, run_cli, wait_until, write_jsonl
 from mlxq.jobs.workers import WORKERS
 from mlxq.worker.app import broker_url
-from mlxq.worker.smallgemm import build
+from mlxq.worker.smallgemm import build, cpu_flags
 
 
 def test_an_entry_lives_while_it_beats_and_says_how_far_its_clock_is(store, redis_client):
@@ -48,6 +48,10 @@ def test_a_worker_lists_itself_while_it_runs_and_leaves_when_it_stops(tmp_path, 
                 "cpu", "float32", proc.blas(), 4, 0)
             # OpenBLAS, with the few-row matmul ahead of it where it builds (x86-64 with AVX-512 or AVX2, a C compiler).
             assert proc.blas() == ("openblas+smallgemm" if build() else "openblas")
+            # OpenBLAS's vector kernels wherever the CPU has them, whatever core OpenBLAS took it for.
+            if {"avx2", "fma"} <= cpu_flags():
+                assert proc.openblas_kernels().lower() in ("haswell", "zen", "skylakex", "cooperlake",
+                                                           "sapphirerapids"), proc.text()
         out = run_cli(redis_url, "workers")
         assert f"mlxq-{stopped.pid}@" in out.stdout and "in flight 0/4" in out.stdout
         # Celery's remote control (what Flower and `celery inspect` use) answers under the same name.

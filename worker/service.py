@@ -18,7 +18,7 @@ from mlxq.jobs.defaults import (
 from mlxq.jobs.store import JobStore
 
 from .app import app, configure, queue_for
-from .blas import loaded_blas
+from .blas import loaded_blas, loaded_openblas_core
 from .engine import Engine
 from .heartbeat import Heartbeat, worker_name
 from .leases import LeaseKeeper
@@ -97,8 +97,9 @@ def _runner(
     try:
         loaded = load_model(model, model_dirs, force_cpu=force_cpu, keep_dtype=keep_dtype)
         log.info(
-            "model %s (%s) on %s, dtype %s, BLAS %s, %d requests in flight, prefix cache %s MiB",
-            loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), concurrency, prefix_cache_mb,
+            "model %s (%s) on %s, dtype %s, BLAS %s, OpenBLAS kernels %s, %d requests in flight, prefix cache %s MiB",
+            loaded.name, loaded.source, loaded.device, loaded.dtype, loaded_blas(), loaded_openblas_core() or "-",
+            concurrency, prefix_cache_mb,
         )
         engine = Engine(loaded, width=concurrency, on_fatal=on_fatal, time_limit=time_limit,
                         adapters_dir=adapters_dir, prefix_cache_mb=prefix_cache_mb)

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-__all__ = ["SOURCE", "LIBRARY_PREFIX", "build", "loaded_path", "decoding"]
+__all__ = ["SOURCE", "LIBRARY_PREFIX", "build", "cpu_flags", "loaded_path", "decoding"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ def _cpu() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags, from /proc/cpuinfo (empty where it cannot be read)."""
+    return _cpu()[1]
 
 
 def _compiler() -> Optional[str]:
