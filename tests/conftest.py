@@ -79,6 +79,24 @@ def with_kernels(kernels_path):
     fastmath._kernels, fastmath._looked = before
 
 
+@pytest.fixture(params=["mlx", "c-kernels"])
+def elementwise(request):
+    """Softmax and SiLU in MLX's operations, and in the C kernels the worker preloads."""
+    request.getfixturevalue("with_kernels" if request.param == "c-kernels" else "without_kernels")
+    return request.param
+
+
+@pytest.fixture
+def without_kernels():
+    """MLX's operations for softmax and SiLU in this process, even where an earlier test mapped the library."""
+    from mlxq.worker import fastmath
+
+    before = fastmath._kernels, fastmath._looked
+    fastmath.load_kernels(None)
+    yield
+    fastmath._kernels, fastmath._looked = before
+
+
 @pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory, tiny_model) -> Path:
     """LoRA adapters for the tiny model: "zero" changes nothing, "shift" changes its output,

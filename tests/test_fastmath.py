@@ -166,11 +166,12 @@ def test_the_c_decode_attention_equals_mlx_fused_attention(kernels_of_each_build
     seen = mx.array([0, 5, 15, 16, 17, 69])  # the last position each row sees
     mask = (mx.arange(length)[None, :] <= seen[:, None])[:, None, None, :]
     want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
-    got = decode_attention(queries, keys, values, dim ** -0.5, mask)
+    visible = np.array(seen) + 1
+    got = decode_attention(queries, keys, values, dim ** -0.5, visible)
     assert got is not None and got.shape == want.shape
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
     # A row's result is the same alone as beside the others.
-    alone = decode_attention(queries[3:4], keys[3:4], values[3:4], dim ** -0.5, mask[3:4])
+    alone = decode_attention(queries[3:4], keys[3:4], values[3:4], dim ** -0.5, visible[3:4])
     assert (np.array(alone)[0] == np.array(got)[3]).all()
 
 

@@ -18,14 +18,6 @@ def loaded(tiny_model):
     return load_model(str(tiny_model))
 
 
-@pytest.fixture(params=["mlx", "c-kernels"])
-def elementwise(request):
-    """Softmax and SiLU in MLX's operations, and in the C kernels the worker preloads."""
-    if request.param == "c-kernels":
-        request.getfixturevalue("with_kernels")
-    return request.param
-
-
 def _encode(loaded, text):
     return loaded.tokenizer.encode(text, add_special_tokens=False)
 

@@ -18,12 +18,8 @@ def loaded(tiny_model):
     return load_model(str(tiny_model))
 
 
-@pytest.fixture(autouse=True, params=["mlx", "c-kernels"])
-def elementwise(request):
-    """Every test with softmax and SiLU in MLX's operations, and in the C kernels the worker preloads."""
-    if request.param == "c-kernels":
-        request.getfixturevalue("with_kernels")
-    return request.param
+# Every test with softmax and SiLU in MLX's operations, and in the C kernels the worker preloads.
+pytestmark = pytest.mark.usefixtures("elementwise")
 
 
 def _prompts(tokenizer, count):
@@ -319,7 +315,7 @@ def test_decode_attention_equals_mlx_fused_attention():
     seen = mx.array([3, 17, 39, 25, 0])  # the last position each row sees
     mask = (mx.arange(length)[None, :] <= seen[:, None])[:, None, None, :]
     want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
-    got = slots._decode_attention(queries, keys, values, scale=dim ** -0.5, mask=mask)
+    got = slots._decode_attention(queries, keys, values, dim ** -0.5, mask, np.array(seen) + 1)
     assert got.shape == want.shape
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
 

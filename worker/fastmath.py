@@ -180,28 +180,26 @@ def swiglu_in_place(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                     mask: Optional[mx.array]) -> Optional[mx.array]:
+                     visible: Optional[np.ndarray]) -> Optional[mx.array]:
     """A decode step's attention by the C kernel, or None where it does not apply.
 
     ``queries``: ``rows x heads x 1 x dim``; ``keys``, ``values``: ``rows x kv_heads x n x dim``,
-    views of a cache (each position's ``dim`` floats contiguous); ``mask``: ``rows x 1 x 1 x n``,
-    each row's visible positions, a prefix (None: all ``n``). Each row's head reads only its
-    visible keys and values, once, and is summed the same way whatever the other rows are.
+    views of a cache (each position's ``dim`` floats contiguous); ``visible``: how many of
+    its first positions each row sees (None: all ``n``). Each row's head reads only those
+    keys and values, once, and is summed the same way whatever the other rows are.
     """
     lib = kernels()
     rows, heads, one, dim = queries.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     if (lib is None or one != 1 or any(x.dtype != mx.float32 for x in (queries, keys, values))
-            or (mask is not None and mask.size != rows * n)):
+            or (visible is not None and len(visible) != rows)):
         return None
-    valid = mask.astype(mx.int32).sum(axis=-1) if mask is not None else None
-    mx.eval(queries, keys, values, *([valid] if valid is not None else []))
+    mx.eval(queries, keys, values)
     k, v = np.array(keys, copy=False), np.array(values, copy=False)
     if k.strides != v.strides or k.strides[2:] != (4 * dim, 4) or k.strides[0] % 4 or k.strides[1] % 4:
         return None
     q = np.ascontiguousarray(np.array(queries, copy=False))
-    counts = (np.minimum(np.array(valid, copy=False).reshape(rows), n) if valid is not None
-              else np.full(rows, n)).astype(np.int32)
+    counts = np.full(rows, n, np.int32) if visible is None else np.minimum(visible, n).astype(np.int32)
     out = np.empty((rows, heads, 1, dim), np.float32)
     if lib.mlxq_decode_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, rows, heads, kv_heads,
                                  dim, k.strides[0] // 4, k.strides[1] // 4, counts.ctypes.data, scale) != 0:

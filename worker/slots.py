@@ -81,6 +81,8 @@ class SlotKVCache:
         self.values: Optional[mx.array] = None
         self.offset: Optional[mx.array] = None
         self._fetch = 0
+        #: In a decode step: how many positions each active row sees (its length + 1).
+        self.visible: Optional[np.ndarray] = None
         self.groups: list[tuple[int, int, int]] = []  # (first row, end row, positions to read)
         #: Runs of neighbouring rows whose first ``shared`` positions hold the same
         #: prompt tokens: (first row, end row, shared); and each group's run (or None).
@@ -192,7 +194,7 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if not cache.runs and cpu_float32:
         # The C kernel reads each row's keys and values only as far as the row goes.
-        out = decode_attention(queries, keys, values, scale, mask)
+        out = decode_attention(queries, keys, values, scale, cache.visible)
         if out is not None:
             return out
     shared = [_shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
@@ -200,14 +202,16 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
     out = []
     for (lo, hi, fetch), run in zip(cache.groups, cache.group_runs):
         if run is None:
-            attend = _decode_attention if cpu_float32 else mx.fast.scaled_dot_product_attention
-            out.append(attend(queries[lo:hi], cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch],
-                              scale=scale, mask=mask[lo:hi, ..., :fetch]))
+            keys, values = cache.keys[lo:hi, :, :fetch], cache.values[lo:hi, :, :fetch]
+            out.append(_decode_attention(queries[lo:hi], keys, values, scale, mask[lo:hi, ..., :fetch],
+                                         cache.visible[lo:hi]) if cpu_float32 else
+                       mx.fast.scaled_dot_product_attention(queries[lo:hi], keys, values, scale=scale,
+                                                            mask=mask[lo:hi, ..., :fetch]))
             continue
         a, _, n = cache.runs[run]
         part = [x[lo - a:hi - a] for x in shared[run]]
         out.append(_own_part(queries[lo:hi], cache.keys[lo:hi, :, n:fetch], cache.values[lo:hi, :, n:fetch], scale,
-                             mask[lo:hi, ..., n:fetch], *part))
+                             mask[lo:hi, ..., n:fetch], cache.visible[lo:hi] - n, *part))
     return out[0] if len(out) == 1 else mx.concatenate(out)
 
 
@@ -249,11 +253,13 @@ def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     return out.reshape(rows, heads, n, dim)
 
 
-def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
-    """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries)
-    on the CPU: MLX's fused attention falls back there to a softmax on its slow
-    ``exp``; this one is the C kernel where it is loaded, else uses :func:`fast_exp`."""
-    out = decode_attention(queries, keys, values, scale, mask)
+def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array,
+                      visible: np.ndarray) -> mx.array:
+    """One decode step's attention of a group of rows (``rows x heads x 1 x dim`` queries,
+    row ``i`` seeing its first ``visible[i]`` positions, as ``mask`` shows them) on the CPU:
+    MLX's fused attention falls back there to a softmax on its slow ``exp``; this one is
+    the C kernel where it is loaded, else uses :func:`fast_exp`."""
+    out = decode_attention(queries, keys, values, scale, visible)
     if out is not None:
         return out
     scores = _decode_scores(queries, keys, scale, mask)
@@ -262,13 +268,15 @@ def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
     return out.reshape(queries.shape)
 
 
-def _decode_scores(queries: mx.array, keys: mx.array, scale: float, mask: mx.array) -> mx.array:
-    """A decode step's masked attention scores, ``rows x kv_heads x heads per kv head x n``,
-    in float32, of ``rows x heads x 1 x dim`` queries over ``rows x kv_heads x n x dim`` keys."""
+def _decode_scores(queries: mx.array, keys: mx.array, scale: float, mask: Optional[mx.array]) -> mx.array:
+    """A decode step's attention scores, ``rows x kv_heads x heads per kv head x n``, in
+    float32, of ``rows x heads x 1 x dim`` queries over ``rows x kv_heads x n x dim`` keys;
+    -inf where ``mask`` hides a position (None: as they are)."""
     rows, heads, _, dim = queries.shape
     kv_heads = keys.shape[1]
     q = (queries * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-    return mx.where(mask, (q @ keys.swapaxes(-1, -2)).astype(mx.float32), -mx.inf)
+    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    return scores if mask is None else mx.where(mask, scores, -mx.inf)
 
 
 def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: float):
@@ -294,15 +302,13 @@ def _shared_part(queries: mx.array, keys: mx.array, values: mx.array, scale: flo
     return by_row(top), by_row(total), by_row(out)
 
 
-def _own_part(queries, keys, values, scale: float, mask, top, total, out) -> mx.array:
+def _own_part(queries, keys, values, scale: float, mask, visible, top, total, out) -> mx.array:
     """Attention of each row over its own positions after the shared ones (``keys``,
-    ``values``: ``rows x kv_heads x n x dim``), joined with the shared part's statistics."""
+    ``values``: ``rows x kv_heads x n x dim``; row ``i`` sees the first ``visible[i]`` of
+    them, as ``mask`` shows), joined with the shared part's statistics."""
     if kernels() is not None and values.dtype == mx.float32 and queries.dtype == mx.float32:
-        rows, heads, _, dim = queries.shape
-        q = (queries * scale).reshape(rows, keys.shape[1], heads // keys.shape[1], dim)
-        scores, valid = q @ keys.swapaxes(-1, -2), mask.astype(mx.int32).sum(axis=-1)
-        mx.eval(scores, valid)
-        weights, own_top, own_total = softmax_prefix(scores, np.array(valid, copy=False), stats=True)
+        scores = _decode_scores(queries, keys, scale, None)
+        weights, own_top, own_total = softmax_prefix(scores, visible[:, None, None], stats=True)
         top_all = mx.maximum(top, own_top)
         shared, own = mx.exp(top - top_all), mx.exp(own_top - top_all)  # one per row's head
         total = total * shared + own_total * own
@@ -658,8 +664,10 @@ class SlotBatch:
                 hi = min(lo + ATTENTION_ROWS, b)
                 groups.append((lo, hi, max(lengths[lo:hi]) + 1))
                 group_runs.append(run)
+        visible = np.array(lengths, np.int32) + 1
         for c in self.caches:
             c.offset, c._fetch, c.groups, c.runs, c.group_runs = offset, longest, groups, runs, group_runs
+            c.visible = visible
         inputs = mx.array([[r.tokens[-1]] for r in rows])
         return self.model(inputs, cache=self.caches)[:, -1, :]
 
