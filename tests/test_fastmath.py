@@ -175,6 +175,37 @@ def test_the_c_decode_attention_equals_mlx_fused_attention(kernels_of_each_build
     assert (np.array(alone)[0] == np.array(got)[3]).all()
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (16, 16, 64)])
+def test_the_c_decode_attention_joins_a_part_computed_before_as_cascade_attention_does(
+        kernels_of_each_build, heads, kv_heads, dim):
+    """Rows read from their own start on, seeded with the part before it (max, sum, unnormalised
+    output): the result is attention over the whole, as MLX's fused attention computes it."""
+    from mlxq.worker.fastmath import decode_attention
+
+    mx.random.seed(10)
+    rows, length, scale = 5, 70, dim ** -0.5
+    queries = mx.random.normal((rows, heads, 1, dim))
+    keys, values = mx.random.normal((rows, kv_heads, length, dim)), mx.random.normal((rows, kv_heads, length, dim))
+    visible = np.array([40, 70, 33, 20, 9])
+    start = np.array([33, 33, 33, 20, 0])  # row 3 has nothing after its part; row 4 has no part before
+    mask = (mx.arange(length)[None, :] < mx.array(visible)[:, None])[:, None, None, :]
+    want = np.array(mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask))
+    q = np.array(queries, np.float64)[:, :, 0]  # rows x heads x dim
+    k = np.repeat(np.array(keys, np.float64), heads // kv_heads, axis=1)  # rows x heads x length x dim
+    v = np.repeat(np.array(values, np.float64), heads // kv_heads, axis=1)
+    top, total = np.full((rows, heads), -np.inf), np.zeros((rows, heads))
+    out = np.zeros((rows, heads, dim))
+    for r in range(rows):
+        if start[r]:
+            scores = np.einsum("hd,hpd->hp", q[r], k[r, :, :start[r]]) * scale
+            top[r] = scores.max(axis=-1)
+            weights = np.exp(scores - top[r][:, None])
+            total[r], out[r] = weights.sum(axis=-1), np.einsum("hp,hpd->hd", weights, v[r, :, :start[r]])
+    got = decode_attention(queries, keys, values, scale, visible, start, (top, total, out))
+    assert got is not None
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_c_decode_attention_declines_what_it_does_not_cover(kernels_of_each_build):
     from mlxq.worker.fastmath import decode_attention
 

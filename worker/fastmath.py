@@ -116,8 +116,8 @@ def load_kernels(path: Optional[str]) -> Optional[ctypes.CDLL]:
         lib.mlxq_softmax.restype = None
         lib.mlxq_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         lib.mlxq_swiglu.restype = None
-        lib.mlxq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6 + [ctypes.c_void_p,
-                                                                                            ctypes.c_float]
+        lib.mlxq_decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 2
+                                              + [ctypes.c_float] + [ctypes.c_void_p] * 3)
         lib.mlxq_decode_attention.restype = ctypes.c_int
         _kernels = lib
     return _kernels
@@ -180,13 +180,20 @@ def swiglu_in_place(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                     visible: Optional[np.ndarray]) -> Optional[mx.array]:
+                     visible: Optional[np.ndarray], start: Optional[np.ndarray] = None,
+                     seed: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> Optional[mx.array]:
     """A decode step's attention by the C kernel, or None where it does not apply.
 
     ``queries``: ``rows x heads x 1 x dim``; ``keys``, ``values``: ``rows x kv_heads x n x dim``,
     views of a cache (each position's ``dim`` floats contiguous); ``visible``: how many of
     its first positions each row sees (None: all ``n``). Each row's head reads only those
     keys and values, once, and is summed the same way whatever the other rows are.
+
+    With ``start``, row ``i`` reads its positions from ``start[i]`` on only, and ``seed``
+    holds the part before them, as cascade attention splits it: per row and query head the
+    max of its scores, the sum of their ``exp(score - max)`` and those weights times the
+    values, unnormalised (``rows x heads``, ``rows x heads``, ``rows x heads x dim``,
+    float32; a sum of 0 for a row without that part). The result is over both parts.
     """
     lib = kernels()
     rows, heads, one, dim = queries.shape
@@ -200,9 +207,15 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
         return None
     q = np.ascontiguousarray(np.array(queries, copy=False))
     counts = np.full(rows, n, np.int32) if visible is None else np.minimum(visible, n).astype(np.int32)
+    first = None if start is None else np.minimum(start, counts).astype(np.int32)
+    seeds = [None] * 3 if seed is None else [np.ascontiguousarray(x, np.float32) for x in seed]
+    if seed is not None and [x.size for x in seeds] != [rows * heads, rows * heads, rows * heads * dim]:
+        raise ValueError("a seed holds rows x heads maxima and sums and rows x heads x dim outputs")
     out = np.empty((rows, heads, 1, dim), np.float32)
     if lib.mlxq_decode_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, rows, heads, kv_heads,
-                                 dim, k.strides[0] // 4, k.strides[1] // 4, counts.ctypes.data, scale) != 0:
+                                 dim, k.strides[0] // 4, k.strides[1] // 4,
+                                 None if first is None else first.ctypes.data, counts.ctypes.data, scale,
+                                 *(None if x is None else x.ctypes.data for x in seeds)) != 0:
         return None
     return mx.array(out)
 

@@ -175,14 +175,16 @@ class SlotKVCache:
 
 def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx.array], sinks=None) -> mx.array:
     """mlx-lm's ``scaled_dot_product_attention``; for a slot cache's decode step, attention
-    by groups of rows, each reading the cache only as far as it needs.
+    that reads each row's cache only as far as it needs: in one call of the C kernel
+    where it is loaded, else by groups of rows.
 
     A run of rows whose prompts start with the same tokens reads those
     positions' keys and values once, from its first row, for all its rows (as
-    one matmul per head: ``rows x shared``); each group then reads only its own
-    positions after them, and the two parts are joined by their softmax
-    statistics (as cascade attention does). On the CPU in float32, prompt
-    chunks and decode steps alike take their softmax with :func:`fast_exp`.
+    one matmul per head: ``rows x shared``); each row (or group) then reads
+    only its own positions after them, and the two parts are joined by their
+    softmax statistics (as cascade attention does). On the CPU in float32,
+    prompt chunks and decode steps alike take their softmax with
+    :func:`fast_exp` or the C kernels.
     """
     cpu_float32 = queries.dtype == mx.float32 and mx.default_device() == mx.cpu
     if (isinstance(cache, SlotKVCache) and cache.span is not None and sinks is None
@@ -192,9 +194,8 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
         from mlx_lm.models.base import scaled_dot_product_attention
 
         return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-    if not cache.runs and cpu_float32:
-        # The C kernel reads each row's keys and values only as far as the row goes.
-        out = decode_attention(queries, keys, values, scale, cache.visible)
+    if cpu_float32 and kernels() is not None:
+        out = _fused_decode_attention(queries, keys, values, cache, scale)
         if out is not None:
             return out
     shared = [_shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
@@ -213,6 +214,28 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
         out.append(_own_part(queries[lo:hi], cache.keys[lo:hi, :, n:fetch], cache.values[lo:hi, :, n:fetch], scale,
                              mask[lo:hi, ..., n:fetch], cache.visible[lo:hi] - n, *part))
     return out[0] if len(out) == 1 else mx.concatenate(out)
+
+
+def _fused_decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: SlotKVCache,
+                            scale: float) -> Optional[mx.array]:
+    """A decode step's attention of every row in one call of the C kernel (None where it
+    declines): each row reads its keys and values only as far as it goes, and a row in a
+    run of rows that share a prefix only from the end of that prefix on, joined with the
+    run's shared part (:func:`_shared_part`, computed once for the run)."""
+    if not cache.runs:
+        return decode_attention(queries, keys, values, scale, cache.visible)
+    rows, heads, _, dim = queries.shape
+    start = np.zeros(rows, np.int32)
+    top = np.full((rows, heads), -np.inf, np.float32)
+    total = np.zeros((rows, heads), np.float32)
+    out = np.zeros((rows, heads, dim), np.float32)
+    for a, b, n in cache.runs:
+        parts = _shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
+        mx.eval(parts)
+        start[a:b] = n
+        for whole, part in zip((top, total, out), parts):
+            whole[a:b] = np.array(part, copy=False).reshape(whole[a:b].shape)
+    return decode_attention(queries, keys, values, scale, cache.visible, start, (top, total, out))
 
 
 def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:

@@ -39,6 +39,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -412,17 +413,23 @@ void mlxq_swiglu(const float *gate, const float *up, float *out, long n) {
 }
 
 /* Decode attention, fused: for each row and query head, scores over the row's
- * first valid[r] positions, their softmax and the weighted sum of the values,
- * reading each key and value once (query heads that share a KV head share the
- * reads). q and out: rows x heads x dim; keys and values: position p of KV
- * head h of row r at r * row_stride + h * head_stride + p * dim. Each row's
- * head is summed in the same order whatever the other rows are. */
+ * positions start[r] to valid[r] - 1 (start NULL: from 0), their softmax and
+ * the weighted sum of the values, reading each key and value once (query heads
+ * that share a KV head share the reads). q and out: rows x heads x dim; keys
+ * and values: position p of KV head h of row r at r * row_stride + h *
+ * head_stride + p * dim. With seeds (a part over other positions, as cascade
+ * attention has it: per row and query head its scores' max, the sum of their
+ * exp(score - max) and those weights times the values, unnormalised; rows x
+ * heads, rows x heads and rows x heads x dim), the result is the softmax over
+ * both parts. Each row's head is summed in the same order whatever the other
+ * rows are. */
 static __thread float *att_scratch;
 static __thread size_t att_scratch_size;
 
 static inline __attribute__((always_inline)) void attend_head(const long dv, const float *q, const float *k,
                                                              const float *v, float *out, long per, long n,
-                                                             float scale, float *s) {
+                                                             float scale, float *s, const float *seed_top,
+                                                             const float *seed_total, const float *seed_out) {
   const long dim = dv * VW;
   for (long h = 0; h < per; h++) {
     const float *qh = q + h * dim;
@@ -447,7 +454,14 @@ static inline __attribute__((always_inline)) void attend_head(const long dv, con
       vf wp = (vf){0} + w[p];
       for (long c = 0; c < dv; c++) acc[c] += wp * load(vp + c * VW);
     }
-    vf inv = (vf){0} + 1.f / total;
+    if (seed_total && seed_total[h] > 0.f) { /* join the two parts by their maxima */
+      const float m = seed_top[h] > top ? seed_top[h] : top;
+      const float a = expf(seed_top[h] - m), b = n > 0 ? expf(top - m) : 0.f;
+      total = seed_total[h] * a + total * b;
+      vf av = (vf){0} + a, bv = (vf){0} + b;
+      for (long c = 0; c < dv; c++) acc[c] = load(seed_out + h * dim + c * VW) * av + acc[c] * bv;
+    }
+    vf inv = (vf){0} + (total > 0.f ? 1.f / total : 0.f);
     for (long c = 0; c < dv; c++) store_v(out + h * dim + c * VW, acc[c] * inv);
   }
 }
@@ -455,35 +469,44 @@ static inline __attribute__((always_inline)) void attend_head(const long dv, con
 /* 0 when done; -1 (nothing done) unless a head is 1, 2, 4, 8 or 16 vectors. */
 int mlxq_decode_attention(const float *q, const float *keys, const float *values, float *out, long rows,
                           long heads, long kv_heads, long dim, long row_stride, long head_stride,
-                          const int *valid, float scale) {
+                          const int *start, const int *valid, float scale, const float *seed_top,
+                          const float *seed_total, const float *seed_out) {
   const long dv = dim / VW;
   if (dim % VW || (dv != 1 && dv != 2 && dv != 4 && dv != 8 && dv != 16) || heads % kv_heads) return -1;
   const long per = heads / kv_heads;
   long most = 1;
-  for (long r = 0; r < rows; r++) most = valid[r] > most ? valid[r] : most;
+  for (long r = 0; r < rows; r++) {
+    const long n = valid[r] - (start ? start[r] : 0);
+    most = n > most ? n : most;
+  }
 #pragma omp parallel for schedule(dynamic, 1) if (rows * kv_heads > 1 && most * dim * rows * kv_heads >= PARALLEL_FLOATS)
   for (long i = 0; i < rows * kv_heads; i++) {
-    const long r = i / kv_heads, h = i % kv_heads;
+    const long r = i / kv_heads, h = i % kv_heads, first = start ? start[r] : 0;
     const size_t need = (size_t)per * most * sizeof(float);
     if (att_scratch_size < need) {
       free(att_scratch);
       att_scratch = malloc(need);
       att_scratch_size = att_scratch ? need : 0;
     }
-    float *o = out + (r * heads + h * per) * dim;
-    const long n = valid[r];
-    if (n <= 0 || !att_scratch) {
+    const long head = r * heads + h * per;
+    float *o = out + head * dim;
+    const long n = valid[r] - first;
+    const int seeded = seed_total != 0;
+    if ((n <= 0 && !seeded) || !att_scratch) {
       memset(o, 0, per * dim * sizeof(float));
       continue;
     }
-    const float *qh = q + (r * heads + h * per) * dim, *k = keys + r * row_stride + h * head_stride,
-                *v = values + r * row_stride + h * head_stride;
+    const float *qh = q + head * dim, *k = keys + r * row_stride + h * head_stride + first * dim,
+                *v = values + r * row_stride + h * head_stride + first * dim;
+    const float *st = seeded ? seed_top + head : 0, *ss = seeded ? seed_total + head : 0,
+                *so = seeded ? seed_out + head * dim : 0;
+    const long m = n > 0 ? n : 0;
     switch (dim / VW) { /* a constant count of vectors a head, so that they stay in registers */
-      case 1: attend_head(1, qh, k, v, o, per, n, scale, att_scratch); break;
-      case 2: attend_head(2, qh, k, v, o, per, n, scale, att_scratch); break;
-      case 4: attend_head(4, qh, k, v, o, per, n, scale, att_scratch); break;
-      case 8: attend_head(8, qh, k, v, o, per, n, scale, att_scratch); break;
-      case 16: attend_head(16, qh, k, v, o, per, n, scale, att_scratch); break;
+      case 1: attend_head(1, qh, k, v, o, per, m, scale, att_scratch, st, ss, so); break;
+      case 2: attend_head(2, qh, k, v, o, per, m, scale, att_scratch, st, ss, so); break;
+      case 4: attend_head(4, qh, k, v, o, per, m, scale, att_scratch, st, ss, so); break;
+      case 8: attend_head(8, qh, k, v, o, per, m, scale, att_scratch, st, ss, so); break;
+      case 16: attend_head(16, qh, k, v, o, per, m, scale, att_scratch, st, ss, so); break;
     }
   }
   return 0;

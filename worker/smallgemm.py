@@ -116,7 +116,7 @@ def build(cache_dir: Optional[Path] = None, extra_flags: Sequence[str] = ()) -> 
         log.warning("cannot write %s (%s): decode steps' matmuls stay with OpenBLAS", directory, exc)
         return None
     try:
-        done = subprocess.run([cc, *FLAGS, *extra_flags, "-o", partial, str(SOURCE), "-ldl"],
+        done = subprocess.run([cc, *FLAGS, *extra_flags, "-o", partial, str(SOURCE), "-ldl", "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             log.warning("compiling %s failed: decode steps' matmuls stay with OpenBLAS\n%s", SOURCE.name,
