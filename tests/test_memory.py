@@ -97,3 +97,40 @@ def test_a_worker_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert first == "True" and faults < pages // 10, faults  # the blocks' pages stay mapped
     assert _faults("none")[1] >= 3 * pages  # glibc's defaults: given back and faulted in again
     assert _faults("reuse", MALLOC_TRIM_THRESHOLD_="0")[0] == "False"  # the user's setting wins
+
+
+# A worker's process (re-executed as `mlxq worker` is) allocates a 64 MiB buffer through
+# MLX and prints its GLIBC_TUNABLES and how much of its memory sits in huge pages.
+HUGE_PROBE = textwrap.dedent("""
+    import os
+    from mlxq.worker.process import prepare_worker_process
+    prepare_worker_process()
+    import mlx.core as mx
+    mx.set_default_device(mx.cpu)
+    buffer = mx.zeros((64 << 20) // 4)
+    mx.eval(buffer)
+    with open("/proc/self/smaps_rollup") as rollup:
+        huge = [line.split()[1] for line in rollup if line.startswith("AnonHugePages")]
+    print(os.environ.get("GLIBC_TUNABLES"), huge[0])
+""")
+
+
+def test_a_worker_process_gets_huge_pages_for_large_buffers():
+    mode = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.isfile(mode) or "[never]" in open(mode).read():
+        pytest.skip("this kernel's transparent huge pages are off")
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MALLOC_", "MLXQ_")) and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", HUGE_PROBE], capture_output=True, text=True, check=True,
+                         env=environ, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    tunables, huge_kb = out.stdout.split()[-2:]
+    assert "glibc.malloc.hugetlb=1" in tunables
+    assert int(huge_kb) >= 32 * 1024, out.stdout  # most of the 64 MiB in 2 MiB pages
+
+
+def test_the_users_huge_page_setting_wins():
+    from mlxq.worker.memory import HUGE_PAGES, with_huge_pages
+
+    assert with_huge_pages("") == HUGE_PAGES
+    assert with_huge_pages("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
+    assert with_huge_pages("glibc.malloc.check=3") == f"glibc.malloc.check=3:{HUGE_PAGES}"

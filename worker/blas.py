@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Optional
 
-from .memory import MALLOC_ARENAS
+from .memory import MALLOC_ARENAS, with_huge_pages
 from .smallgemm import LIBRARY_PREFIX, build, cpu_flags
 
 __all__ = [
@@ -163,6 +163,7 @@ def ensure_fast_blas(disable: bool = False) -> None:
     # From the start of the new process, as the environment variable: a cap set
     # later by mallopt bounded the arenas but not the 0.5B worker's peak RSS.
     env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+    env["GLIBC_TUNABLES"] = with_huge_pages(env.get("GLIBC_TUNABLES", ""))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])), env)

@@ -19,6 +19,15 @@ time, which on a small VM is about 1 GB/s, slower than the work on them
 (the compiled SiLU of a 1,000-token chunk: 3-5x). With blocks below 32 MiB
 taken from the heaps and 512 MiB allowed free at a heap's top, they are
 reused instead.
+
+The re-execution also turns on glibc's transparent huge pages for malloc's
+memory (``glibc.malloc.hugetlb=1`` in ``GLIBC_TUNABLES``, glibc 2.35 and
+later, where the kernel's transparent huge pages are ``madvise`` or
+``always``): a large buffer such as the KV cache is then faulted in 2 MiB at a
+time rather than 4 KiB (growing a 7.5 GB cache: 7.3 s instead of 9.8), and
+a decode step streams the weights through fewer TLB entries (0.5B shape, 32
+rows: 283 ms instead of 371).
+A ``glibc.malloc.hugetlb`` the user set wins.
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ import logging
 import os
 import sys
 
-__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "limit_malloc_arenas", "reuse_freed_memory"]
+__all__ = [
+    "MALLOC_ARENAS", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "HUGE_PAGES", "with_huge_pages", "limit_malloc_arenas",
+    "reuse_freed_memory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,8 @@ MMAP_THRESHOLD = 32 * 2**20
 #: Free memory a heap may keep at its top.
 TRIM_THRESHOLD = 512 * 2**20
 
+#: glibc's tunable that has malloc ask for transparent huge pages.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 # glibc's mallopt parameter numbers
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -84,3 +98,10 @@ def reuse_freed_memory() -> bool:
     if mallopt is None or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False
     return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+
+
+def with_huge_pages(tunables: str) -> str:
+    """``GLIBC_TUNABLES`` with :data:`HUGE_PAGES` added, unless it already sets ``glibc.malloc.hugetlb``."""
+    if "glibc.malloc.hugetlb" in tunables:
+        return tunables
+    return f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
