@@ -37,6 +37,7 @@ from helpers import (  # noqa: E402
 
 __all__ = [
     "BenchError", "HelperFailure", "PhaseResult", "WorkerProcess", "TEMPERATURE", "MB", "log", "ensure_model",
+    "huge_pages_env",
     "model_facts", "PromptCounter", "make_requests", "make_shared_prefix_requests", "read_jsonl", "write_jsonl", "load_prompts", "clean_env",
     "run_phase", "phase_main", "own_peak_rss_mb", "mapped_blas", "connect_redis", "flush_mlxq_keys",
     "check_environment", "start_worker", "submit", "job_results", "warm_up_requests", "last_line",
@@ -101,6 +102,13 @@ def last_line(text: str) -> str:
 
 
 # -- the model --------------------------------------------------------------------
+
+
+def huge_pages_env() -> dict[str, str]:
+    """``GLIBC_TUNABLES`` with malloc's huge pages, as a worker's process runs (``worker/memory.py``)."""
+    from mlxq.worker.memory import with_huge_pages
+
+    return {"GLIBC_TUNABLES": with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))}
 
 
 def ensure_model(shape: str, seed: int, timeout: float) -> Path:

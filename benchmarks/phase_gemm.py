@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import PhaseResult, clean_env, log, mapped_blas, phase_main, run_phase
+from harness import PhaseResult, clean_env, huge_pages_env, log, mapped_blas, phase_main, run_phase
 
 PEAK_ROWS = 512
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
     from mlxq.worker.blas import fast_blas_env
 
     log(f"gemm: the model's matmul shapes at {PEAK_ROWS} and {args.width} rows")
-    return run_phase("gemm", model_dir, requests_file, clean_env(**fast_blas_env()), args.timeout,
+    return run_phase("gemm", model_dir, requests_file, clean_env(**fast_blas_env(), **huge_pages_env()), args.timeout,
                      width=args.width)
 
 

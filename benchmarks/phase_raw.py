@@ -1,8 +1,9 @@
 """The raw phase: mlx-lm's ``batch_generate`` with what the worker uses.
 
-float32 on the CPU, OpenBLAS preloaded, ``completion_batch_size=W``, the same
-chat rendering and ``max_tokens``, ``make_sampler(temp=0.6)``. Only generation
-is timed (after loading and a small warm-up).
+float32 on the CPU, OpenBLAS preloaded (with the kernels, and malloc's huge
+pages, the worker has), ``completion_batch_size=W``, the same chat rendering
+and ``max_tokens``, ``make_sampler(temp=0.6)``. Only generation is timed
+(after loading and a small warm-up).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
-    MB, TEMPERATURE, PhaseResult, clean_env, load_prompts, log, mapped_blas, own_peak_rss_mb, phase_main,
-    run_phase,
+    MB, TEMPERATURE, PhaseResult, clean_env, huge_pages_env, load_prompts, log, mapped_blas, own_peak_rss_mb,
+    phase_main, run_phase,
 )
 
 
@@ -25,8 +26,8 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
     if openblas is None:
         log("warning: OpenBLAS not found; the raw phase (like the worker) uses the reference BLAS")
     log(f"raw: batch_generate, {args.requests} requests, width {args.width}")
-    return run_phase("raw", model_dir, requests_file, clean_env(preload=openblas, **openblas_env(openblas)), args.timeout,
-                     width=args.width, seed=args.seed)
+    env = clean_env(preload=openblas, **openblas_env(openblas), **huge_pages_env())
+    return run_phase("raw", model_dir, requests_file, env, args.timeout, width=args.width, seed=args.seed)
 
 
 def measure(opts: argparse.Namespace) -> dict[str, Any]:

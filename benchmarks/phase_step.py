@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import TEMPERATURE, PhaseResult, clean_env, load_prompts, log, mapped_blas, phase_main, run_phase
+from harness import (
+    TEMPERATURE, PhaseResult, clean_env, huge_pages_env, load_prompts, log, mapped_blas, phase_main, run_phase,
+)
 
 STEPS = 8
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
     from mlxq.worker.blas import fast_blas_env
 
     log(f"step: a decode step of {args.width} rows, in parts")
-    return run_phase("step", model_dir, requests_file, clean_env(**fast_blas_env()), args.timeout,
+    return run_phase("step", model_dir, requests_file, clean_env(**fast_blas_env(), **huge_pages_env()), args.timeout,
                      width=args.width, seed=args.seed)
 
 

@@ -28,8 +28,8 @@ from .memory import MALLOC_ARENAS, with_huge_pages
 from .smallgemm import LIBRARY_PREFIX, build, cpu_flags
 
 __all__ = [
-    "find_openblas", "fast_blas_preload", "fast_blas_env", "openblas_core", "coretype_for", "openblas_env", "loaded_blas",
-    "loaded_openblas_core", "ensure_fast_blas",
+    "find_openblas", "fast_blas_preload", "fast_blas_env", "openblas_core", "coretype_for", "openblas_env",
+    "loaded_blas", "loaded_openblas_core", "ensure_fast_blas",
 ]
 
 log = logging.getLogger(__name__)
