@@ -98,10 +98,11 @@ def coretype_for(core: Optional[str], flags: set[str]) -> Optional[str]:
 def openblas_env(path: Optional[str]) -> dict[str, str]:
     """``{"OPENBLAS_CORETYPE": core}`` where OpenBLAS at ``path`` takes this CPU for an older
     one (:func:`coretype_for`) and the user has not set the variable, else ``{}``."""
-    if not path or "OPENBLAS_CORETYPE" in os.environ:
-        return {}
+    flags = cpu_flags()
+    if not path or "OPENBLAS_CORETYPE" in os.environ or not {"avx2", "fma"} <= flags:
+        return {}  # without AVX2 there are no better kernels to name: OpenBLAS is not loaded to ask
     core = openblas_core(path)
-    choice = coretype_for(core, cpu_flags())
+    choice = coretype_for(core, flags)
     if choice is None:
         return {}
     log.info("OpenBLAS takes this CPU for %s; its %s kernels are used instead (OPENBLAS_CORETYPE)", core, choice)
@@ -119,10 +120,8 @@ def loaded_blas() -> str:
     """Which BLAS this process has mapped: 'openblas+smallgemm', 'openblas', 'reference', or 'not loaded'."""
     if sys.platform == "darwin":
         return "accelerate"
-    try:
-        with open("/proc/self/maps") as maps:
-            text = maps.read()
-    except OSError:
+    text = _maps()
+    if text is None:
         return "unknown"
     if "libopenblas" in text:
         return "openblas+smallgemm" if LIBRARY_PREFIX in text else "openblas"
@@ -133,12 +132,17 @@ def loaded_blas() -> str:
 
 def loaded_openblas_core() -> Optional[str]:
     """The core whose kernels the OpenBLAS this process has mapped uses, if it has one mapped."""
+    paths = [line.split()[-1] for line in (_maps() or "").splitlines() if "libopenblas" in line]
+    return openblas_core(paths[0]) if paths else None
+
+
+def _maps() -> Optional[str]:
+    """This process's memory map (``/proc/self/maps``), or None where it cannot be read."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = [line.split()[-1] for line in maps if "libopenblas" in line]
+            return maps.read()
     except OSError:
         return None
-    return openblas_core(paths[0]) if paths else None
 
 
 def ensure_fast_blas(disable: bool = False) -> None:
