@@ -122,6 +122,8 @@ class SlotKVCache:
         n = keys.shape[0]
         if keys.shape[2] != 1:
             raise ValueError("a slot cache takes one token per row per step")
+        if self._write_in_place(keys, values):
+            return self.keys[:n, :, : self._fetch], self.values[:n, :, : self._fetch]
         rows = self.keys.shape[0]
         positions = self.offset
         if n < rows:
@@ -140,6 +142,27 @@ class SlotKVCache:
             self.values, mx.broadcast_to(index, values.shape), values, axis=2
         )
         return self.keys[:n, :, : self._fetch], self.values[:n, :, : self._fetch]
+
+    def _write_in_place(self, keys: mx.array, values: mx.array) -> bool:
+        """Where the C kernels read the cache (float32 on the CPU), write each row's new
+        position straight into its memory and return True.
+
+        MLX's scatter (``put_along_axis``) took about 0.3 ms a call for a decode
+        step's 32 rows, two a layer; this is a NumPy assignment of the same
+        values after evaluating them (which the step's attention does next anyway).
+        """
+        if (self.visible is None or kernels() is None or mx.default_device() != mx.cpu
+                or not all(x.dtype == mx.float32 for x in (keys, values, self.keys, self.values))):
+            return False
+        mx.eval(keys, values)
+        k, v = np.array(self.keys, copy=False), np.array(self.values, copy=False)
+        if not (k.flags.writeable and v.flags.writeable):
+            return False
+        n = keys.shape[0]
+        rows, positions = np.arange(n), self.visible[:n] - 1
+        k[rows, :, positions] = np.array(keys, copy=False)[:, :, 0]
+        v[rows, :, positions] = np.array(values, copy=False)[:, :, 0]
+        return True
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
         """Row ``i`` sees positions ``0..offset[i]`` (its history and the new token).
