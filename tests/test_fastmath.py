@@ -138,6 +138,49 @@ def test_the_c_swiglu_matches_mlx_lm_and_writes_over_the_gate(kernels_of_each_bu
         np.testing.assert_array_equal(np.array(gate), np.array(got))
 
 
+def test_the_c_sampling_weights_are_each_rows_exp_at_its_temperature_with_block_sums(kernels_of_each_build):
+    """Vocabularies around the block and vector widths, a row stride wider than the row, both builds."""
+    from mlxq.worker.sampling import BLOCK
+
+    rng = np.random.default_rng(6)
+    for n in (1, 15, 128, 300, 1000, 151936):
+        wide = (rng.standard_normal((3, n + 5)) * 8).astype(np.float32)
+        logits = wide[:, :n]  # rows n + 5 floats apart
+        inv_t = np.array([1 / 0.6, 1.0, 1 / 1.7], np.float32)
+        weights, sums = fastmath.sample_weights(logits, inv_t, BLOCK)
+        x = logits.astype(np.float64) * inv_t[:, None]
+        want = np.exp(x - x.max(axis=1, keepdims=True))
+        # float32 rounds x * t - max to about 6e-8 of its size: up to 1e-5 of a weight far below the max
+        np.testing.assert_allclose(weights, want, rtol=1e-5, atol=1e-30)
+        blocks = -(-n // BLOCK)
+        own = [[weights[r, b * BLOCK:(b + 1) * BLOCK].sum(dtype=np.float64) for b in range(blocks)] for r in range(3)]
+        want_sums = [[want[r, b * BLOCK:(b + 1) * BLOCK].sum() for b in range(blocks)] for r in range(3)]
+        assert sums.shape == (3, blocks)
+        np.testing.assert_allclose(sums, own, rtol=2e-6)
+        np.testing.assert_allclose(sums, want_sums, rtol=1e-5)
+
+
+def test_sampling_draws_the_same_tokens_with_the_c_weights_as_with_numpys(kernels_of_each_build):
+    from mlxq.worker.sampling import RowSampler, sample
+
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((16, 5000)) * 4).astype(np.float32)
+
+    def draws():
+        samplers = [RowSampler(0.4 + 0.1 * i, seed=i) for i in range(16)]
+        return np.stack([sample(logits, samplers) for _ in range(20)])
+
+    with_kernels = draws()
+    state = fastmath._kernels, fastmath._looked
+    fastmath.load_kernels(None)
+    try:
+        assert fastmath.sample_weights(logits, np.ones(16, np.float32), 128) is None
+        without = draws()
+    finally:
+        fastmath._kernels, fastmath._looked = state
+    assert (with_kernels == without).all()
+
+
 def test_without_the_library_swiglu_in_place_leaves_the_gate_alone():
     state = fastmath._kernels, fastmath._looked
     fastmath.load_kernels(None)

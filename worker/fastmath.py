@@ -38,7 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 __all__ = ["compiler_available", "decode_attention", "fast_exp", "swiglu", "patch_model", "kernels", "load_kernels",
-           "softmax_prefix", "swiglu_in_place"]
+           "sample_weights", "softmax_prefix", "swiglu_in_place"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def load_kernels(path: Optional[str]) -> Optional[ctypes.CDLL]:
         lib.mlxq_decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 2
                                               + [ctypes.c_float] + [ctypes.c_void_p] * 3)
         lib.mlxq_decode_attention.restype = ctypes.c_int
+        lib.mlxq_sample_weights.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
+                                            + [ctypes.c_long])
+        lib.mlxq_sample_weights.restype = None
         _kernels = lib
     return _kernels
 
@@ -218,6 +221,22 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
                                  *(None if x is None else x.ctypes.data for x in seeds)) != 0:
         return None
     return mx.array(out)
+
+
+def sample_weights(logits: np.ndarray, inv_t: np.ndarray, block: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """By the C kernel, each row's ``exp(logits * inv_t - max)`` (float32, rows x vocabulary) and
+    the float64 sums of its blocks of ``block`` entries (the last may be shorter); None without
+    the library. One pass over the logits, on the library's threads."""
+    lib = kernels()
+    if lib is None or logits.dtype != np.float32 or logits.ndim != 2 or logits.strides[1] != 4 or block % 16:
+        return None
+    rows, n = logits.shape
+    inv_t = np.ascontiguousarray(inv_t, np.float32)
+    weights = np.empty((rows, n), np.float32)
+    sums = np.empty((rows, -(-n // block)), np.float64)
+    lib.mlxq_sample_weights(logits.ctypes.data, rows, n, logits.strides[0] // 4, inv_t.ctypes.data,
+                            weights.ctypes.data, sums.ctypes.data, block)
+    return weights, sums
 
 
 _ORIGINALS: dict[str, Any] = {}

@@ -28,9 +28,10 @@
  *
  * The same library holds kernels that mlxq.worker.fastmath calls through
  * ctypes on MLX arrays' memory, all on a vector exp: a softmax over each row's
- * visible prefix (attention's), SiLU(gate) * up (the MLP's), and a decode
+ * visible prefix (attention's), SiLU(gate) * up (the MLP's), a decode
  * step's attention fused (scores, softmax and values in one pass over a row's
- * keys and values).
+ * keys and values), and a sampler's weights at a temperature with their block
+ * sums.
  *
  * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
  * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W)
@@ -427,6 +428,46 @@ void mlxq_swiglu(const float *gate, const float *up, float *out, long n) {
     vf gv = load(g), r = gv / (1.f + vexp((vf){0} - gv)) * load(u);
     memcpy(g, &r, sizeof r);
     memcpy(out + blocks * VW, g, rest * sizeof(float));
+  }
+}
+
+/* A sampler's weights at a temperature: for each row r of logits (rows x n, rows ld floats
+ * apart), w = exp(x * inv_t[r] - max(x * inv_t[r])) into weights (rows x n), and the sum of
+ * each block of `block` weights (a multiple of VW; the last block may be shorter), in float64,
+ * into sums (rows x the blocks). */
+void mlxq_sample_weights(const float *logits, long rows, long n, long ld, const float *inv_t, float *weights,
+                         double *sums, long block) {
+  const long blocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FLOATS * 4)
+  for (long r = 0; r < rows; r++) {
+    const float *x = logits + r * ld;
+    float *w = weights + r * n;
+    const float t = inv_t[r];
+    vf tv = (vf){0} + t, mv = (vf){0} - __builtin_inff();
+    long i;
+    for (i = 0; i + VW <= n; i += VW) mv = vmaxv(mv, load(x + i) * tv);
+    float m = lane_max(mv);
+    for (; i < n; i++) m = x[i] * t > m ? x[i] * t : m;
+    const vf mb = (vf){0} + m;
+    for (long b = 0; b < blocks; b++) {
+      const long lo = b * block, hi = lo + block < n ? lo + block : n;
+      vf acc = {0};
+      for (i = lo; i + VW <= hi; i += VW) {
+        vf e = vexp(load(x + i) * tv - mb);
+        store_v(w + i, e);
+        acc += e;
+      }
+      double s = lane_sum(acc);
+      if (i < hi) { /* the tail through a padded vector: the same exp as the rest */
+        float u[VW];
+        const long rest = hi - i;
+        for (long j = 0; j < VW; j++) u[j] = j < rest ? x[i + j] * t - m : -100.f;
+        vf e = vexp(load(u));
+        memcpy(u, &e, sizeof e);
+        for (long j = 0; j < rest; j++) w[i + j] = u[j], s += u[j];
+      }
+      sums[r * blocks + b] = s;
+    }
   }
 }
 

@@ -7,7 +7,7 @@ head, where OpenBLAS's set-up per call cost more than the product). It takes a
 product only inside :func:`decoding`, which the engine wraps around each decode
 step; prompt processing stays with OpenBLAS. The library also holds the vector
 softmax and SiLU that :mod:`mlxq.worker.fastmath` calls, in prompt processing
-and decode steps alike.
+and decode steps alike, and a sampler's weights (:mod:`mlxq.worker.sampling`).
 
 :func:`build` compiles it once per machine with the system's C compiler
 (``$CC``, else ``cc`` or ``gcc``) for the CPU it runs on, cached under
