@@ -366,6 +366,27 @@ static inline void store_v(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* One row's softmax over its first `valid` entries, in place; the rest become 0.
  * With top and total, the row's max and its sum of exp(x - max) go there and the
  * row keeps exp(x - max) unnormalised (for attention joined from parts). */
+/* The max of x[0:n] * t (t > 0; by 1, exactly x's max). */
+static float scaled_max(const float *x, long n, float t) {
+  vf mv = (vf){0} - __builtin_inff(), tv = (vf){0} + t;
+  long i;
+  for (i = 0; i + VW <= n; i += VW) mv = vmaxv(mv, load(x + i) * tv);
+  float m = lane_max(mv);
+  for (; i < n; i++) m = x[i] * t > m ? x[i] * t : m;
+  return m;
+}
+
+/* w[j] = exp(x[j] * t - m) for the fewer than VW floats of a row's tail, through a padded
+ * vector (the same exp as the rest of the row); their sum. w may be x. */
+static float exp_tail(const float *x, float *w, long rest, float t, float m) {
+  float u[VW], s = 0.f;
+  for (long j = 0; j < VW; j++) u[j] = j < rest ? x[j] * t - m : -100.f;
+  vf e = vexp(load(u));
+  memcpy(u, &e, sizeof e);
+  for (long j = 0; j < rest; j++) w[j] = u[j], s += u[j];
+  return s;
+}
+
 static void softmax_row(float *x, long n, long valid, float *top, float *total) {
   long v = valid < n ? valid : n, i;
   if (v <= 0) {
@@ -373,10 +394,7 @@ static void softmax_row(float *x, long n, long valid, float *top, float *total) 
     if (top) *top = -__builtin_inff(), *total = 0.f;
     return;
   }
-  vf mv = (vf){0} - __builtin_inff();
-  for (i = 0; i + VW <= v; i += VW) mv = vmaxv(mv, load(x + i));
-  float m = lane_max(mv);
-  for (; i < v; i++) m = x[i] > m ? x[i] : m;
+  float m = scaled_max(x, v, 1.f);
   vf sv = {0}, mb = (vf){0} + m;
   for (i = 0; i + VW <= v; i += VW) {
     vf e = vexp(load(x + i) - mb);
@@ -384,14 +402,7 @@ static void softmax_row(float *x, long n, long valid, float *top, float *total) 
     sv += e;
   }
   float s = lane_sum(sv);
-  if (i < v) { /* the tail through a padded vector: the same exp as the rest */
-    float t[VW];
-    long rest = v - i;
-    for (long j = 0; j < VW; j++) t[j] = j < rest ? x[i + j] - m : -100.f;
-    vf e = vexp(load(t));
-    memcpy(t, &e, sizeof e);
-    for (long j = 0; j < rest; j++) x[i + j] = t[j], s += t[j];
-  }
+  if (i < v) s += exp_tail(x + i, x + i, v - i, 1.f, m);
   if (v < n) memset(x + v, 0, (n - v) * sizeof(float));
   if (top) {
     *top = m, *total = s;
@@ -442,30 +453,19 @@ void mlxq_sample_weights(const float *logits, long rows, long n, long ld, const 
   for (long r = 0; r < rows; r++) {
     const float *x = logits + r * ld;
     float *w = weights + r * n;
-    const float t = inv_t[r];
-    vf tv = (vf){0} + t, mv = (vf){0} - __builtin_inff();
-    long i;
-    for (i = 0; i + VW <= n; i += VW) mv = vmaxv(mv, load(x + i) * tv);
-    float m = lane_max(mv);
-    for (; i < n; i++) m = x[i] * t > m ? x[i] * t : m;
-    const vf mb = (vf){0} + m;
+    const float t = inv_t[r], m = scaled_max(x, n, t);
+    const vf tv = (vf){0} + t, mb = (vf){0} + m;
     for (long b = 0; b < blocks; b++) {
       const long lo = b * block, hi = lo + block < n ? lo + block : n;
       vf acc = {0};
+      long i;
       for (i = lo; i + VW <= hi; i += VW) {
         vf e = vexp(load(x + i) * tv - mb);
         store_v(w + i, e);
         acc += e;
       }
       double s = lane_sum(acc);
-      if (i < hi) { /* the tail through a padded vector: the same exp as the rest */
-        float u[VW];
-        const long rest = hi - i;
-        for (long j = 0; j < VW; j++) u[j] = j < rest ? x[i + j] * t - m : -100.f;
-        vf e = vexp(load(u));
-        memcpy(u, &e, sizeof e);
-        for (long j = 0; j < rest; j++) w[i + j] = u[j], s += u[j];
-      }
+      if (i < hi) s += exp_tail(x + i, w + i, hi - i, t, m);
       sums[r * blocks + b] = s;
     }
   }
