@@ -73,6 +73,7 @@ OURS = [  # K from 256, any rows: tails of K (not a multiple of 16 or 8), of N (
     (1, 6, 256, "x @ w.T"), (3, 7, 256, "x @ w.T"), (4, 12, 300, "x @ w.T"), (5, 100, 1040, "x @ w.T"),
     (31, 1024, 1024, "x @ w.T"), (32, 97, 512, "x @ w.T"), (33, 64, 272, "x @ w.T"), (64, 130, 257, "x @ w.T"),
     (130, 70, 512, "x @ w.T"), (2, 9, 264, "x @ w.T"), (9, 11, 520, "x @ w.T"), (7, 200, 512, "addmm"),
+    (18, 13, 2604, "x @ w.T"), (16, 20, 1024, "addmm"),  # several chunks of K, and one whole
 ]
 # A decode step's attention, a row's head at a time (up to 8 queries: heads per KV head): scores over
 # the keys (K of the head's size, under 256) and weights times the values (V as stored), with the tails
