@@ -57,8 +57,10 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define VW 8
 #define RM 2       /* 2 x 6 rather than 3 x 4: X's rows come from L2 once per RN rows of W */
 #define RN 6
-#define KC 1024    /* Zen 3 EPYC, one token's products of the 0.5B shape: 512 took 1.09x the time at 32 rows and
-                      1.2x at 8; 2048 and 4096 the same as 1024 */
+#ifndef KC          /* -DKC=... to compare (benchmarks/kernel_ab.py) */
+#define KC 1024    /* Zen 3 EPYC, one token's products of the 0.5B shape: 0.92-0.98x the time of 512 at 32 rows,
+                      0.94x at 8; 2048 and 4096 the same as 1024 */
+#endif
 #else
 #error "smallgemm.c needs AVX-512, or AVX2 and FMA"
 #endif
