@@ -36,12 +36,14 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 SOURCE = REPO / "worker" / "smallgemm.c"
 sys.path.append(str(REPO / "tests"))
+sys.path.append(str(BENCH))
 
 
 def _build(source_text: str, flags: list[str], out: Path) -> None:
-    from mlxq.worker.smallgemm import FLAGS
+    """The library built from ``source_text`` as the worker builds its own (``smallgemm.build``'s flags)."""
+    from mlxq.worker.smallgemm import FLAGS, _compiler
 
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     if cc is None:
         sys.exit("kernel_ab: no C compiler (cc or gcc)")
     src = out.with_suffix(".c")
@@ -61,13 +63,9 @@ def measure(libraries: list[str], rows: int, shape: str, turns: int) -> dict:
     """Each library's time for one token's products, turn by turn (in this process)."""
     import numpy as np
     from modelfactory import SHAPES
+    from phase_gemm import matmul_shapes
 
-    s = SHAPES[shape]
-    hidden, inter, heads, kv_heads = (s["hidden_size"], s["intermediate_size"], s["num_attention_heads"],
-                                      s["num_key_value_heads"])
-    kv = hidden // heads * kv_heads
-    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
-              (hidden, inter)] * s["num_hidden_layers"] + [(s["vocab_size"] or 151936, hidden)]
+    shapes = matmul_shapes(SHAPES[shape])  # "small" and "0.5b" have a fixed vocabulary
     rng = np.random.default_rng(0)
     weights = [rng.random((n, k), dtype=np.float32) - 0.5 for n, k in shapes]
     inputs = {k: rng.random((rows, k), dtype=np.float32) - 0.5 for k in {k for _, k in shapes}}
@@ -115,8 +113,8 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.rows, args.shape, args.turns)))
         return
 
+    from harness import huge_pages_env
     from mlxq.worker.blas import find_openblas
-    from mlxq.worker.memory import with_huge_pages
 
     openblas = find_openblas(openmp_first=True)
     if openblas is None:
@@ -133,7 +131,7 @@ def main() -> None:
         _build(SOURCE.read_text(), shlex.split(args.flags), b)
         shutil.copy(a, again)
         env = {**os.environ, "LD_PRELOAD": openblas, "OMP_NUM_THREADS": str(args.threads),
-               "GLIBC_TUNABLES": with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))}
+               **huge_pages_env()}
         done = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--shape", args.shape,
                                "--turns", str(args.turns), "--measure", str(a), str(b), str(again)],
                               env=env, capture_output=True, text=True)
