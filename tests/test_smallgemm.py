@@ -147,18 +147,24 @@ def test_attention_scores_batched_by_head_are_one_product_each(library):
     assert all(c["error"] < 1e-5 for c in out["cases"])
 
 
-@pytest.mark.parametrize("skip, stride", [(0, 512), (1, 512), (4, 512), (15, 512), (3, 523)])
-def test_any_alignment_and_row_stride_of_the_weight(library, skip, stride):
-    """Called as cblas_sgemm directly: W's rows at every offset from a cache line, and a stride off 16 floats."""
+@pytest.mark.parametrize("skip, stride, k", [(0, 512, 300), (1, 512, 300), (4, 512, 300), (15, 512, 300),
+                                           (3, 523, 300), (6, 512, 512), (1, 528, 512), (15, 1024, 1024)])
+def test_any_alignment_and_row_stride_of_the_weight(library, skip, stride, k):
+    """Called as cblas_sgemm directly: W's rows at every offset from a cache line, and a stride off 16 floats.
+
+    With K and the stride multiples of 16, the blocks of K start before each row of W does, at a
+    line: the memory around W's rows is NaN, which a block read past a row would carry into C.
+    """
     lib = ctypes.CDLL(library[0])
     ctypes.c_int.in_dll(lib, "mlxq_smallgemm_rows").value = 64
     calls = ctypes.c_ulong.in_dll(lib, "mlxq_smallgemm_calls")
-    m, n, k = 5, 40, 300
+    m, n = 5, 40
     rng = np.random.default_rng(skip)
     x = rng.standard_normal((m, k), dtype=np.float32)
-    wide = rng.standard_normal(n * stride + 64, dtype=np.float32)
+    wide = np.full(n * stride + 64, np.nan, dtype=np.float32)
     start = (-wide.ctypes.data // 4) % 16 + skip  # floats past a 64-byte boundary
     w = np.lib.stride_tricks.as_strided(wide[start:], (n, k), (stride * 4, 4))
+    w[...] = rng.standard_normal((n, k), dtype=np.float32)
     c = np.full((m, n), np.nan, dtype=np.float32)
     f = ctypes.POINTER(ctypes.c_float)
     before = calls.value

@@ -41,6 +41,7 @@
 #include <dlfcn.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -99,6 +100,24 @@ static inline float lane_sum(vf v) {
 }
 #endif
 
+/* p[lo] .. p[hi - 1] in lanes lo .. hi - 1, 0 in the others; nothing else of p is read. */
+static inline vf load_lanes(const float *p, int lo, int hi) {
+#if VW == 16
+  return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << hi) - (1u << lo)), p);
+#else
+  __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1)),
+                                _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+  return (vf)_mm256_maskload_ps(p, in);
+#endif
+}
+
+/* A row's K floats outside the aligned blocks, as one vector: its last `shift` floats in the
+ * first lanes, its first VW - shift after them (see small_gemm). */
+static inline vf edge(const float *row, int K, int shift) {
+  return load_lanes(row + K - shift, 0, shift) + load_lanes(row - shift, shift, VW);
+}
+
 /* Blocks [kb0, kb1) of K for one tile of X (packed) and rn rows of W; partial sums in acc_out.
  * It also asks for the same blocks of the rows of W from ahead to ahead_end, ahead_step apart
  * (the next run's rows this tile fetches), to be brought into L2: see column_run. */
@@ -138,19 +157,21 @@ static inline __attribute__((always_inline)) void chunk(const int rn, int kb0, i
  * these rows, the run asks for the next run's (next, RN rows from there; NULL
  * for none) to be brought into L2, spread over the tiles: tile t asks for rows
  * t, t + tiles, ... of it, block by block of K as it goes. */
-static void column_run(int M, int rn, int K, const vf *xp, vf *acc, const float *X, int ldx,
+static void column_run(int M, int rn, int K, int shift, const vf *xp, vf *acc, const float *X, int ldx,
                        const float *W, int ldw, float alpha, float beta, float *C, int ldc,
                        const float *next) {
-  int tiles = (M + RM - 1) / RM, kbs = K / VW;
+  int head = shift ? VW - shift : 0, kbs = (K - head) / VW, blocks = kbs + (shift > 0);
+  int tiles = (M + RM - 1) / RM, tail = shift ? K : head + kbs * VW;
+  const float *Wb = W + head, *nextb = next ? next + head : NULL;
   for (int kb0 = 0; kb0 < kbs; kb0 += KC / VW) {
     int kb1 = kb0 + KC / VW < kbs ? kb0 + KC / VW : kbs;
     for (int t = 0; t < tiles; t++) {
-      const vf *x = xp + (long)t * kbs * RM;
+      const vf *x = xp + (long)t * blocks * RM;
       vf *a = acc + t * RM * RN;
-      const float *ahead = next && t < RN ? next + (long)t * ldw : NULL;
-      const float *ahead_end = ahead ? next + (long)RN * ldw : NULL;
+      const float *ahead = nextb && t < RN ? nextb + (long)t * ldw : NULL;
+      const float *ahead_end = ahead ? nextb + (long)RN * ldw : NULL;
       long ahead_step = (long)tiles * ldw;
-#define CHUNK(n) chunk(n, kb0, kb1, x, W, ldw, a, ahead, ahead_end, ahead_step)
+#define CHUNK(n) chunk(n, kb0, kb1, x, Wb, ldw, a, ahead, ahead_end, ahead_step)
       switch (rn) {
         case 6: CHUNK(6); break;
         case 5: CHUNK(5); break;
@@ -162,10 +183,14 @@ static void column_run(int M, int rn, int K, const vf *xp, vf *acc, const float 
 #undef CHUNK
     }
   }
+  vf w_edge[RN];
+  for (int j = 0; j < rn; j++) w_edge[j] = shift ? edge(W + (long)j * ldw, K, shift) : (vf){0};
   for (int m = 0; m < M; m++)
     for (int j = 0; j < rn; j++) {
-      float s = lane_sum(acc[(m / RM) * RM * RN + (m % RM) * RN + j]);
-      for (int k = kbs * VW; k < K; k++) s += X[(long)m * ldx + k] * W[(long)j * ldw + k];
+      vf a = acc[(m / RM) * RM * RN + (m % RM) * RN + j];
+      if (shift) a += xp[((long)(m / RM) * blocks + kbs) * RM + m % RM] * w_edge[j];
+      float s = lane_sum(a);
+      for (int k = tail; k < K; k++) s += X[(long)m * ldx + k] * W[(long)j * ldw + k];
       float *c = C + (long)m * ldc + j;
       *c = beta == 0.f ? alpha * s : alpha * s + beta * *c;
     }
@@ -186,14 +211,24 @@ static vf *reserve(vf **buf, size_t *size, size_t n) {
  * Each thread of the team packs X into a buffer of its own and keeps its
  * partial sums in its own: on a Cascade Lake Xeon, reading the calling
  * thread's copy of them from the other core made a product take 1.09-1.15x the
- * time (benchmarks/kernel_ab.py). */
+ * time (benchmarks/kernel_ab.py).
+ *
+ * MLX's arrays start 24 bytes past a cache line, so a load of a block of W
+ * from its start would span two lines; on that Xeon such loads cost 1.11-1.14x
+ * the time. Where every row of W starts at the same offset from a line (ldw and
+ * K multiples of VW), the blocks start `shift` floats before W's rows do, at
+ * a line or a half: each row's first VW - shift floats and last shift floats
+ * then make one more block (edge(); X's too), added to the accumulators
+ * before their lanes are. */
 static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx, const float *W,
                       int ldw, float beta, float *C, int ldc) {
-  int tiles = (M + RM - 1) / RM, kbs = K / VW, runs = (N + RN - 1) / RN;
+  int shift = ldw % VW == 0 && K % VW == 0 ? (int)((uintptr_t)W / sizeof(float) % VW) : 0;
+  int head = shift ? VW - shift : 0, kbs = (K - head) / VW, blocks = kbs + (shift > 0);
+  int tiles = (M + RM - 1) / RM, runs = (N + RN - 1) / RN;
   int threads = (long)N * K >= PARALLEL_FLOATS ? omp_get_max_threads() : 1, ok = 1;
 #pragma omp parallel num_threads(threads)
   {
-    vf *xp = reserve(&packed, &packed_size, (size_t)tiles * kbs * RM);
+    vf *xp = reserve(&packed, &packed_size, (size_t)tiles * blocks * RM);
     vf *acc = reserve(&accs, &accs_size, (size_t)tiles * RM * RN);
     if (!xp || !acc) {
 #pragma omp atomic write
@@ -202,15 +237,17 @@ static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx,
 #pragma omp barrier
     if (ok) {
       for (int t = 0; t < tiles; t++)
-        for (int kb = 0; kb < kbs; kb++)
-          for (int i = 0; i < RM; i++) {
-            int m = t * RM + i;
-            xp[((long)t * kbs + kb) * RM + i] = m < M ? load(X + (long)m * ldx + kb * VW) : (vf){0};
-          }
+        for (int i = 0; i < RM; i++) {
+          int m = t * RM + i;
+          const float *x = X + (long)m * ldx;
+          for (int kb = 0; kb < kbs; kb++)
+            xp[((long)t * blocks + kb) * RM + i] = m < M ? load(x + head + kb * VW) : (vf){0};
+          if (shift) xp[((long)t * blocks + kbs) * RM + i] = m < M ? edge(x, K, shift) : (vf){0};
+        }
 #pragma omp for schedule(static)
       for (int r = 0; r < runs; r++) {
         int n = r * RN, rn = N - n < RN ? N - n : RN;
-        column_run(M, rn, K, xp, acc, X, ldx, W + (long)n * ldw, ldw, alpha, beta, C + n, ldc,
+        column_run(M, rn, K, shift, xp, acc, X, ldx, W + (long)n * ldw, ldw, alpha, beta, C + n, ldc,
                    n + 2 * RN <= N ? W + (long)(n + RN) * ldw : NULL);
       }
     }
