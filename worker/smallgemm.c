@@ -210,15 +210,16 @@ static vf *reserve(vf **buf, size_t *size, size_t n) {
  *
  * Each thread of the team packs X into a buffer of its own and keeps its
  * partial sums in its own: on a Cascade Lake Xeon, reading the calling
- * thread's copy of them from the other core made a product take 1.09-1.15x the
- * time (benchmarks/kernel_ab.py).
+ * thread's copy of them from the other core made one token's products of the
+ * 0.5B shape take 1.09-1.10x the time at 32 rows (benchmarks/kernel_ab.py).
  *
  * MLX's arrays start 24 bytes past a cache line, so a load of a block of W
- * from its start would span two lines; on that Xeon such loads cost 1.11-1.14x
- * the time. Where every row of W starts at the same offset from a line (ldw and
- * K multiples of VW), the blocks start `shift` floats before W's rows do, at
- * a line or a half: each row's first VW - shift floats and last shift floats
- * then make one more block (edge(); X's too), added to the accumulators
+ * from a row's start would span two lines; on that Xeon such loads made a
+ * product with W in cache take 1.11-1.14x the time, and one token's products
+ * 1.05-1.07x. Where every row of W starts at the same offset from a line (ldw
+ * and K multiples of VW), the blocks start VW - shift floats into each row, on
+ * a vector's boundary, and each row's first VW - shift floats and last shift
+ * floats make one more block (edge(); X's too), added to the accumulators
  * before their lanes are. */
 static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx, const float *W,
                       int ldw, float beta, float *C, int ldc) {
