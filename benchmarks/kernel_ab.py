@@ -61,13 +61,12 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def measure(libraries: list[str], rows: int, shape: str, turns: int) -> dict:
     """Each library's time for one token's products, turn by turn (in this process)."""
+    import mlx.core as mx
     import numpy as np
     from modelfactory import SHAPES
     from phase_gemm import matmul_shapes
 
     shapes = matmul_shapes(SHAPES[shape])  # "small" and "0.5b" have a fixed vocabulary
-    import mlx.core as mx
-
     rng = np.random.default_rng(0)
     # In MLX's memory, as the model's are: their alignment to cache lines matters to the kernel.
     arrays = [mx.array(rng.random((n, k), dtype=np.float32) - 0.5) for n, k in shapes]
