@@ -57,6 +57,31 @@ def test_greedy_tokens_equal_mlx_lm_through_joins_and_leaves(loaded):
     assert batch.nbytes == 0  # an empty batch holds no cache
 
 
+def test_packed_prompts_get_the_keys_values_and_tokens_of_padded_ones(loaded):
+    """Prompts of different lengths prefilled one after another in one sequence, each rotated
+    and attended at its own positions, against the same prompts side by side, right-padded."""
+    model = loaded.model
+    prompts = _prompts(loaded.tokenizer, 9)
+    lengths = [2 + i % 5 for i in range(len(prompts))]
+    batches = {}
+    for packed in (True, False):
+        batch = SlotBatch(model, width=len(prompts), prefill_tokens=4096)
+        assert batch.packed  # a Qwen2 model's prompts are packed
+        batch.packed = packed
+        batch.insert(prompts, [RowSampler(0.0) for _ in prompts], max_tokens=lengths)
+        assert batch.next() == [] and not batch.waiting  # one prefill call took them all
+        batches[packed] = batch
+    for rows in zip(batches[True].rows, batches[False].rows):
+        assert rows[0].uid == rows[1].uid
+    for packed_cache, padded_cache in zip(batches[True].caches, batches[False].caches):
+        for i, row in enumerate(batches[True].rows):
+            for got, want in ((packed_cache.keys, padded_cache.keys), (packed_cache.values, padded_cache.values)):
+                np.testing.assert_allclose(np.array(got[i, :, :row.length]), np.array(want[i, :, :row.length]),
+                                           rtol=1e-5, atol=1e-6)
+    tokens = {packed: [[s.token for s in batch.next()] for _ in range(4)] for packed, batch in batches.items()}
+    assert tokens[True] == tokens[False]
+
+
 def test_decode_attention_reads_each_group_of_rows_only_as_far_as_it_needs(loaded):
     model = loaded.model
     prompts = _prompts(loaded.tokenizer, 3 * ATTENTION_ROWS)

@@ -8,9 +8,11 @@ Here every sequence has a row of a cache that is allocated once per layer
 (``rows x kv_heads x length x head_dim``) and grows in blocks. Each row holds
 its own tokens from position 0; a decode step writes each row's new key and
 value at that row's own position (one scatter, in place) and masks the rest.
-Sequences that join are prefilled together, right-padded, straight into their
-rows; one that leaves hands its row to the last row, whose keys and values
-move into it. Nothing else is ever copied, and the cache is the only memory
+Sequences that join are prefilled together straight into their rows: packed
+one after another into one sequence, each segment rotated and attended at its
+own row's positions (Qwen2 and Llama models; others side by side,
+right-padded); one that leaves hands its row to the last row, whose keys and
+values move into it. Nothing else is ever copied, and the cache is the only memory
 that grows with the batch.
 
 The batch runs mlx-lm models unchanged: a layer's cache is a
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .fastmath import decode_attention, fast_exp, kernels, softmax_prefix
@@ -90,6 +93,10 @@ class SlotKVCache:
         self.group_runs: list[Optional[int]] = []
         #: While prefilling: rows ``lo:hi`` take positions from ``start`` on.
         self.span: Optional[tuple[int, int, int]] = None
+        #: While prefilling packed prompts (:class:`_Packed`), their segments; and the
+        #: layer's own RoPE, which the model's then leaves to the cache and attention.
+        self.packed: Optional[_Packed] = None
+        self.rope: Optional[Callable] = None
 
     @property
     def rows(self) -> int:
@@ -113,6 +120,12 @@ class SlotKVCache:
         While prefilling (``span`` is set), write the chunk at the same
         positions of each row of the span instead (one slice, in place).
         """
+        if self.packed is not None:
+            for row, a, b, start in self.packed.segments:
+                end = start + b - a
+                self.keys[row, :, start:end] = self.rope(keys[:, :, a:b], offset=start)[0]
+                self.values[row, :, start:end] = values[0, :, a:b]
+            return keys, values  # packed attention reads each segment's row (slot_attention)
         if self.span is not None:
             lo, hi, start = self.span
             end = start + keys.shape[2]
@@ -167,8 +180,11 @@ class SlotKVCache:
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mx.array:
         """Row ``i`` sees positions ``0..offset[i]`` (its history and the new token).
 
-        While prefilling, a causal mask over the span's positions.
+        While prefilling, a causal mask over the span's positions (packed: none here;
+        attention builds each segment's own).
         """
+        if self.packed is not None:
+            return None
         if self.span is not None:
             from mlx_lm.models.base import create_causal_mask
 
@@ -210,6 +226,8 @@ def slot_attention(queries, keys, values, cache, scale: float, mask: Optional[mx
     :func:`fast_exp` or the C kernels.
     """
     cpu_float32 = queries.dtype == mx.float32 and mx.default_device() == mx.cpu
+    if isinstance(cache, SlotKVCache) and cache.packed is not None:
+        return _packed_attention(queries, cache, scale)
     if (isinstance(cache, SlotKVCache) and cache.span is not None and sinks is None
             and isinstance(mask, mx.array) and cpu_float32):
         return _prompt_attention(queries, keys, values, scale, mask)
@@ -259,6 +277,24 @@ def _fused_decode_attention(queries: mx.array, keys: mx.array, values: mx.array,
         for whole, part in zip((top, total, out), parts):
             whole[a:b] = np.array(part, copy=False).reshape(whole[a:b].shape)
     return decode_attention(queries, keys, values, scale, cache.visible, start, (top, total, out))
+
+
+def _packed_attention(queries: mx.array, cache: SlotKVCache, scale: float) -> mx.array:
+    """Attention of packed prompt segments (``1 x heads x tokens x dim`` queries, not yet
+    rotated): each segment's queries, rotated at their own positions, over its own row's
+    keys and values up to its end, causally."""
+    from mlx_lm.models.base import create_causal_mask
+
+    cpu_float32 = queries.dtype == mx.float32 and mx.default_device() == mx.cpu
+    out = []
+    for row, a, b, start in cache.packed.segments:
+        end = start + b - a
+        q = cache.rope(queries[:, :, a:b], offset=start)
+        keys, values = cache.keys[row:row + 1, :, :end], cache.values[row:row + 1, :, :end]
+        mask = create_causal_mask(b - a, offset=start)
+        out.append(_prompt_attention(q, keys, values, scale, mask) if cpu_float32 else
+                   mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask))
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
 
 
 def _prompt_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
@@ -370,6 +406,48 @@ def _own_part(queries, keys, values, scale: float, mask, visible, top, total, ou
     return (out / total).reshape(queries.shape).astype(queries.dtype)
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """The prompts of one prefill call, packed into one sequence: ``segments`` holds, in
+    input order, (row, first input index, end input index, first position)."""
+
+    segments: tuple[tuple[int, int, int, int], ...]
+
+
+class _LeaveRoPEToTheCache(nn.Module):
+    """A layer's RoPE that does nothing to packed prompts (:class:`_Packed` offsets): their
+    positions differ from segment to segment, so the cache rotates the keys and
+    :func:`_packed_attention` the queries, each segment at its own positions."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        return x if isinstance(offset, _Packed) else self.rope(x, offset=offset)
+
+
+#: Modules of mlx-lm models whose attention rotates its queries and keys by
+#: ``self.rope(x, offset=cache.offset)`` and uses the offset for nothing else: their
+#: prompts are prefilled packed.
+PACKED_MODULES = ("mlx_lm.models.qwen2", "mlx_lm.models.llama")
+
+
+def _packable_ropes(model) -> Optional[List[Callable]]:
+    """Each layer's own RoPE where prompts can be prefilled packed, else None."""
+    if type(model).__module__ not in PACKED_MODULES:
+        return None
+    ropes = []
+    for layer in model.layers:
+        rope = getattr(getattr(layer, "self_attn", None), "rope", None)
+        if isinstance(rope, _LeaveRoPEToTheCache):
+            rope = rope.rope
+        if type(rope) is not nn.RoPE:
+            return None
+        ropes.append(rope)
+    return ropes
+
+
 def _use_slot_attention(model) -> None:
     """Put :func:`slot_attention` in place of mlx-lm's in the module of ``model``'s class."""
     from mlx_lm.models.base import scaled_dot_product_attention
@@ -431,6 +509,15 @@ class SlotBatch:
         self.namespace = namespace
         self.layers = len(model.layers)
         self.caches = [SlotKVCache() for _ in range(self.layers)]
+        ropes = _packable_ropes(model)
+        if ropes is not None:
+            for layer, rope, c in zip(model.layers, ropes, self.caches):
+                if not isinstance(layer.self_attn.rope, _LeaveRoPEToTheCache):
+                    layer.self_attn.rope = _LeaveRoPEToTheCache(rope)
+                c.rope = rope
+        #: Whether prompts are prefilled packed, one after another in one sequence,
+        #: rather than side by side, right-padded to the longest.
+        self.packed = ropes is not None
         self.rows: List[_Row] = []
         self.waiting: List[_Row] = []
         self._next_uid = 0
@@ -566,13 +653,16 @@ class SlotBatch:
         their keys and values copied into its row and prefills only the rest.
         The batch is taken from the first sequences that fit in the free rows:
         those with the same cached length, least left to prefill first and up
-        to ``prefill_tokens`` tokens, so that prompts of similar length share
-        it and padding stays small. Prompts are right-padded: each row's tokens
-        sit at positions ``0..n-1`` of its own row, as decoding wants them, and
-        the padding after them is overwritten by decoding before any query can
-        see it. Chunks end at multiples of ``PREFILL_CHUNK`` whatever the
-        cached length, so a position's keys and values are computed the same
-        way with the prefix cache and without it.
+        to ``prefill_tokens`` tokens. Each row's tokens go to positions
+        ``0..n-1`` of its own row, as decoding wants them. Packed (``packed``),
+        the prompts are one sequence of their tokens alone, so the model's
+        matmuls take no padding: each layer's cache rotates each segment's keys
+        at its own positions and :func:`_packed_attention` its queries.
+        Otherwise they are right-padded to the longest, side by side (the
+        padding is overwritten by decoding before any query can see it), and
+        ``prefill_tokens`` counts the padding too. Chunks end at multiples of
+        ``PREFILL_CHUNK`` whatever the cached length, so a position's keys and
+        values are computed the same way with the prefix cache and without it.
         """
         free = self.width - len(self.rows)
         if free <= 0 or not self.waiting:
@@ -603,7 +693,7 @@ class SlotBatch:
             first = next_block(row)
             if first is not None and first in computing:
                 continue  # the next batch finds it in the cache
-            if (len(group) + 1) * todo(row) > self.prefill_tokens:
+            if (sum(map(todo, group)) if self.packed else len(group) * todo(row)) + todo(row) > self.prefill_tokens:
                 break
             group.append(row)
             computing.add(first)
@@ -636,7 +726,26 @@ class SlotBatch:
                         c.keys[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[0, layer]
                         c.values[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[1, layer]
                 mx.eval([c.state for c in self.caches])
-        if longest > start:
+        if longest > start and self.packed:
+            try:
+                while start < longest:
+                    end = min(longest, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+                    tokens, segments = [], []
+                    for i, (row, n) in enumerate(zip(group, lengths)):
+                        if n > start:
+                            piece = row.tokens[start:min(end, n)]
+                            segments.append((lo + i, len(tokens), len(tokens) + len(piece), start))
+                            tokens.extend(piece)
+                    packed = _Packed(tuple(segments))
+                    for c in self.caches:
+                        c.packed, c.offset = packed, packed
+                    self.model(mx.array([tokens]), cache=self.caches)
+                    mx.eval([c.state for c in self.caches])
+                    start = end
+            finally:
+                for c in self.caches:
+                    c.packed = None
+        elif longest > start:
             tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
             try:
                 while start < longest:
