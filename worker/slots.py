@@ -693,7 +693,9 @@ class SlotBatch:
             first = next_block(row)
             if first is not None and first in computing:
                 continue  # the next batch finds it in the cache
-            if (sum(map(todo, group)) if self.packed else len(group) * todo(row)) + todo(row) > self.prefill_tokens:
+            # Packed, a batch holds its prompts' tokens; padded, each as many as the longest.
+            size = sum(map(todo, group)) + todo(row) if self.packed else (len(group) + 1) * todo(row)
+            if size > self.prefill_tokens:
                 break
             group.append(row)
             computing.add(first)
