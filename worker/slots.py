@@ -728,38 +728,30 @@ class SlotBatch:
                         c.keys[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[0, layer]
                         c.values[lo + a:lo + b, :, j * block:(j + 1) * block] = kv[1, layer]
                 mx.eval([c.state for c in self.caches])
-        if longest > start and self.packed:
-            try:
-                while start < longest:
-                    end = min(longest, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-                    tokens, segments = [], []
-                    for i, (row, n) in enumerate(zip(group, lengths)):
-                        if n > start:
-                            piece = row.tokens[start:min(end, n)]
-                            segments.append((lo + i, len(tokens), len(tokens) + len(piece), start))
-                            tokens.extend(piece)
-                    packed = _Packed(tuple(segments))
-                    for c in self.caches:
-                        c.packed, c.offset = packed, packed
-                    self.model(mx.array([tokens]), cache=self.caches)
-                    mx.eval([c.state for c in self.caches])
-                    start = end
-            finally:
+        try:
+            while start < longest:
+                end = min(longest, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+                pieces = [(lo + i, row.tokens[start:min(end, n)]) for i, (row, n) in enumerate(zip(group, lengths))]
+                if self.packed:
+                    inputs, segments = [], []
+                    for i, piece in pieces:
+                        if piece:
+                            segments.append((i, len(inputs), len(inputs) + len(piece), start))
+                            inputs.extend(piece)
+                    span, offset = None, _Packed(tuple(segments))
+                    inputs = [inputs]
+                else:
+                    span, offset = (lo, hi, start), start
+                    inputs = [piece + [0] * (end - start - len(piece)) for _, piece in pieces]
                 for c in self.caches:
-                    c.packed = None
-        elif longest > start:
-            tokens = mx.array([r.tokens[start:-1] + [0] * (longest - n) for r, n in zip(group, lengths)])
-            try:
-                while start < longest:
-                    end = min(longest, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-                    for c in self.caches:
-                        c.span, c.offset = (lo, hi, start), start
-                    self.model(tokens[:, start - len(reused) * block:end - len(reused) * block], cache=self.caches)
-                    mx.eval([c.state for c in self.caches])
-                    start = end
-            finally:
-                for c in self.caches:
-                    c.span = None
+                    c.span, c.offset = span, offset
+                    c.packed = offset if self.packed else None
+                self.model(mx.array(inputs), cache=self.caches)
+                mx.eval([c.state for c in self.caches])
+                start = end
+        finally:
+            for c in self.caches:
+                c.span = c.packed = None
         for i, (row, n) in enumerate(zip(group, lengths)):
             row.length = row.prefilled = n
             row.cached = len(reused) * block
