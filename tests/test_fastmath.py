@@ -249,6 +249,35 @@ def test_the_c_decode_attention_joins_a_part_computed_before_as_cascade_attentio
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,rows,n", [(8, 2, 16, 5, 70), (14, 2, 64, 7, 130), (16, 16, 64, 2, 3),
+                                                        (2, 1, 128, 4, 64)])
+def test_the_c_shared_attention_is_each_rows_attention_over_one_rows_prefix(kernels_of_each_build, heads, kv_heads,
+                                                                             dim, rows, n):
+    """Positions a block or not, queries a tile or not, on a view of a larger cache: each row's
+    head gets the max, sum and unnormalised output of its attention over the shared keys, the
+    same alone as beside the others."""
+    from mlxq.worker.fastmath import shared_attention
+
+    mx.random.seed(11)
+    scale = dim ** -0.5
+    queries = mx.random.normal((rows, heads, 1, dim)) * 3
+    cache_k, cache_v = (mx.random.normal((3, kv_heads, n + 9, dim)) for _ in range(2))
+    keys, values = cache_k[1, :, :n], cache_v[1, :, :n]
+    got = shared_attention(queries, keys, values, scale)
+    assert got is not None
+    q = np.array(queries, np.float64)[:, :, 0]
+    k = np.repeat(np.array(keys, np.float64), heads // kv_heads, axis=0)  # heads x n x dim
+    v = np.repeat(np.array(values, np.float64), heads // kv_heads, axis=0)
+    scores = np.einsum("rhd,hpd->rhp", q, k) * scale
+    top = scores.max(axis=-1)
+    weights = np.exp(scores - top[..., None])
+    for have, want in zip(got, (top, weights.sum(axis=-1), np.einsum("rhp,hpd->rhd", weights, v))):
+        np.testing.assert_allclose(have, want, rtol=2e-5, atol=2e-5)
+    alone = shared_attention(queries[rows - 1:], keys, values, scale)
+    for have, one in zip(got, alone):
+        assert (have[rows - 1] == one[0]).all()
+
+
 def test_the_c_decode_attention_declines_what_it_does_not_cover(kernels_of_each_build):
     from mlxq.worker.fastmath import decode_attention
 

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["compiler_available", "decode_attention", "fast_exp", "swiglu", "patch_model", "kernels", "load_kernels",
+__all__ = ["compiler_available", "decode_attention", "fast_exp", "shared_attention", "swiglu", "patch_model", "kernels", "load_kernels",
            "sample_weights", "softmax_prefix", "swiglu_in_place"]
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ def load_kernels(path: Optional[str]) -> Optional[ctypes.CDLL]:
         lib.mlxq_decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 2
                                               + [ctypes.c_float] + [ctypes.c_void_p] * 3)
         lib.mlxq_decode_attention.restype = ctypes.c_int
+        lib.mlxq_shared_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 6 + [ctypes.c_float]
+                                              + [ctypes.c_void_p] * 3)
+        lib.mlxq_shared_attention.restype = ctypes.c_int
         lib.mlxq_sample_weights.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
                                             + [ctypes.c_long])
         lib.mlxq_sample_weights.restype = None
@@ -221,6 +224,36 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
                                  *(None if x is None else x.ctypes.data for x in seeds)) != 0:
         return None
     return mx.array(out)
+
+
+def shared_attention(queries: mx.array, keys: mx.array, values: mx.array,
+                     scale: float) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Cascade attention's shared part by the C kernel, or None where it does not apply.
+
+    ``queries``: ``rows x heads x 1 x dim``; ``keys``, ``values``: one row's ``kv_heads x n x dim``,
+    views of a cache (each position's ``dim`` floats contiguous), whose positions all the rows
+    see. Per row and query head: the max of its scores, the sum of their ``exp(score - max)``
+    and those weights times the values, unnormalised (``rows x heads``, ``rows x heads``,
+    ``rows x heads x dim``, float32): the ``seed`` of :func:`decode_attention`. The keys and
+    values are read where they are, once for all the rows.
+    """
+    lib = kernels()
+    rows, heads, one, dim = queries.shape
+    kv_heads, n = keys.shape[0], keys.shape[1]
+    if lib is None or one != 1 or n == 0 or any(x.dtype != mx.float32 for x in (queries, keys, values)):
+        return None
+    mx.eval(queries, keys, values)
+    k, v = np.array(keys, copy=False), np.array(values, copy=False)
+    if k.strides != v.strides or k.strides[1:] != (4 * dim, 4) or k.strides[0] % 4:
+        return None
+    q = np.ascontiguousarray(np.array(queries, copy=False))
+    top, total = np.empty((rows, heads), np.float32), np.empty((rows, heads), np.float32)
+    out = np.empty((rows, heads, dim), np.float32)
+    if lib.mlxq_shared_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, rows, heads, kv_heads, dim,
+                                 k.strides[0] // 4, n, scale, top.ctypes.data, total.ctypes.data,
+                                 out.ctypes.data) != 0:
+        return None
+    return top, total, out
 
 
 def sample_weights(logits: np.ndarray, inv_t: np.ndarray, block: int) -> Optional[tuple[np.ndarray, np.ndarray]]:

@@ -41,7 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .fastmath import decode_attention, fast_exp, kernels, softmax_prefix
+from .fastmath import decode_attention, fast_exp, kernels, shared_attention, softmax_prefix
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
 from .smallgemm import decoding
@@ -262,7 +262,8 @@ def _fused_decode_attention(queries: mx.array, keys: mx.array, values: mx.array,
     """A decode step's attention of every row in one call of the C kernel (None where it
     declines): each row reads its keys and values only as far as it goes, and a row in a
     run of rows that share a prefix only from the end of that prefix on, joined with the
-    run's shared part (:func:`_shared_part`, computed once for the run)."""
+    run's shared part (computed once for the run, by the C kernel from the first row's cache
+    memory, else by :func:`_shared_part`)."""
     if not cache.runs:
         return decode_attention(queries, keys, values, scale, cache.visible)
     rows, heads, _, dim = queries.shape
@@ -271,8 +272,10 @@ def _fused_decode_attention(queries: mx.array, keys: mx.array, values: mx.array,
     total = np.zeros((rows, heads), np.float32)
     out = np.zeros((rows, heads, dim), np.float32)
     for a, b, n in cache.runs:
-        parts = _shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
-        mx.eval(parts)
+        parts = shared_attention(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
+        if parts is None:
+            parts = _shared_part(queries[a:b], cache.keys[a, :, :n], cache.values[a, :, :n], scale)
+            mx.eval(parts)
         start[a:b] = n
         for whole, part in zip((top, total, out), parts):
             whole[a:b] = np.array(part, copy=False).reshape(whole[a:b].shape)

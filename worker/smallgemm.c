@@ -30,8 +30,9 @@
  * ctypes on MLX arrays' memory, all on a vector exp: a softmax over each row's
  * visible prefix (attention's), SiLU(gate) * up (the MLP's), a decode
  * step's attention fused (scores, softmax and values in one pass over a row's
- * keys and values), and a sampler's weights at a temperature with their block
- * sums.
+ * keys and values), cascade attention's shared part (the rows that share a
+ * prompt prefix, over its keys and values at once), and a sampler's weights at
+ * a temperature with their block sums.
  *
  * Built by mlxq.worker.smallgemm with -O3 -march=native -fopenmp, for x86-64
  * CPUs with AVX-512 (32 vector registers: 24 accumulators, 4 rows of X, 1 of W)
@@ -623,4 +624,161 @@ int mlxq_decode_attention(const float *q, const float *keys, const float *values
     }
   }
   return 0;
+}
+
+/* Cascade attention's shared part: the attention of `rows` rows' queries (q: rows x heads x
+ * dim) over the first n positions of one row's keys and values, which those rows share (KV
+ * head h's position p at h * head_stride + p * dim). Per row and query head: the max of its
+ * scores, the sum of their exp(score - max) and those weights times the values, unnormalised,
+ * into top and total (rows x heads) and out (rows x heads x dim), as mlxq_decode_attention
+ * takes them for seeds.
+ *
+ * Each KV head's queries (all rows' heads that share it, rows x heads per KV head) take the
+ * keys and values where they are, a block of SHARED_BLOCK positions at a time, as two small
+ * products on tiles held in registers: the block's scores K Q^T (a query's scores in a column,
+ * so that its softmax statistics are per lane), then the weights times the values. A running
+ * max and sum join the blocks, as flash attention does. A query's result is summed in the
+ * same order whatever the other rows are. */
+#define SHARED_BLOCK 64
+#define SP 6 /* positions in a tile of scores, by 2 vectors of queries */
+#define SV 6 /* queries in a tile of the weights times the values, by 2 vectors of a head */
+
+/* *p in every lane, loaded so (adding it to a vector of zeros costs an add and a shuffle). */
+static inline vf splat(const float *p) {
+#if VW == 16
+  return (vf)_mm512_set1_ps(*p);
+#else
+  return (vf)_mm256_broadcast_ss(p);
+#endif
+}
+
+static __thread float *shared_scratch;
+static __thread size_t shared_scratch_size;
+
+/* s[p][0 : nv * VW] = k[p] . qt[:, 0 : nv * VW], positions p < mr (qt: dim x ld, s: ld apart). */
+static inline __attribute__((always_inline)) void score_tile(const int mr, const int nv, const float *k, long dim,
+                                                             const float *qt, long ld, float *s) {
+  vf acc[SP][2];
+  for (int p = 0; p < mr; p++)
+    for (int v = 0; v < nv; v++) acc[p][v] = (vf){0};
+  for (long c = 0; c < dim; c++) {
+    vf qv[2];
+    for (int v = 0; v < nv; v++) qv[v] = load(qt + c * ld + v * VW);
+    for (int p = 0; p < mr; p++) {
+      const vf kb = splat(k + p * dim + c);
+      for (int v = 0; v < nv; v++) acc[p][v] += kb * qv[v];
+    }
+  }
+  for (int p = 0; p < mr; p++)
+    for (int v = 0; v < nv; v++) store_v(s + p * ld + v * VW, acc[p][v]);
+}
+
+/* acc[i + j][0 : cv * VW] = acc[..] * alpha[i + j] + sum over p < n of s[p][i + j] * v[p][0 : cv * VW],
+ * j < nq (s: ld apart, v: dim apart, acc: dim apart). */
+static inline __attribute__((always_inline)) void value_tile(const int nq, const int cv, const float *s, long ld,
+                                                             const float *v, long dim, long n, float *acc,
+                                                             const float *alpha) {
+  vf a[SV][2];
+  for (int j = 0; j < nq; j++) {
+    const vf al = (vf){0} + alpha[j];
+    for (int c = 0; c < cv; c++) a[j][c] = load(acc + j * dim + c * VW) * al;
+  }
+  for (long p = 0; p < n; p++) {
+    vf vc[2];
+    for (int c = 0; c < cv; c++) vc[c] = load(v + p * dim + c * VW);
+    for (int j = 0; j < nq; j++) {
+      const vf w = splat(s + p * ld + j);
+      for (int c = 0; c < cv; c++) a[j][c] += w * vc[c];
+    }
+  }
+  for (int j = 0; j < nq; j++)
+    for (int c = 0; c < cv; c++) store_v(acc + j * dim + c * VW, a[j][c]);
+}
+
+#define SCORE_CASE(mr, nv) case (mr) * 8 + (nv): score_tile(mr, nv, kp, dim, qt + v0 * VW, ld, s + (p - p0) * ld + v0 * VW); break;
+#define VALUE_CASE(nq, cv) case (nq) * 8 + (cv): value_tile(nq, cv, s + i, ld, vb + c0 * VW, dim, bw, acc + i * dim + c0 * VW, alpha + i); break;
+
+/* One KV head's queries i0 .. i1 - 1 (query i: row i / per, head h * per + i % per). */
+static int shared_head(const float *q, const float *k, const float *v, long heads, long per, long h, long dim,
+                        long i0, long i1, long n, float scale, float *top, float *total, float *out) {
+  const long mc = i1 - i0, ld = (mc + VW - 1) / VW * VW, nvec = ld / VW, dv = dim / VW, cv = dv < 2 ? dv : 2;
+  const size_t need = ((size_t)dim * ld + (size_t)SHARED_BLOCK * ld + (size_t)ld * dim + 3 * (size_t)ld) * sizeof(float);
+  if (shared_scratch_size < need) {
+    free(shared_scratch);
+    shared_scratch = malloc(need);
+    shared_scratch_size = shared_scratch ? need : 0;
+    if (!shared_scratch) return -1;
+  }
+  float *qt = shared_scratch, *s = qt + dim * ld, *acc = s + SHARED_BLOCK * ld, *m = acc + ld * dim, *l = m + ld,
+        *alpha = l + ld;
+  for (long i = 0; i < ld; i++) {
+    const float *qi = q + ((i0 + i) / per * heads + h * per + (i0 + i) % per) * dim;
+    for (long c = 0; c < dim; c++) qt[c * ld + i] = i < mc ? qi[c] * scale : 0.f;
+    m[i] = -__builtin_inff(), l[i] = 0.f;
+  }
+  memset(acc, 0, (size_t)ld * dim * sizeof(float));
+  for (long p0 = 0; p0 < n; p0 += SHARED_BLOCK) {
+    const long bw = n - p0 < SHARED_BLOCK ? n - p0 : SHARED_BLOCK;
+    for (long p = p0; p < p0 + bw; p += SP) {
+      const long mr = p0 + bw - p < SP ? p0 + bw - p : SP;
+      const float *kp = k + p * dim;
+      for (long v0 = 0; v0 < nvec; v0 += 2) {
+        switch (mr * 8 + (nvec - v0 < 2 ? 1 : 2)) {
+          SCORE_CASE(1, 1) SCORE_CASE(1, 2) SCORE_CASE(2, 1) SCORE_CASE(2, 2) SCORE_CASE(3, 1) SCORE_CASE(3, 2)
+          SCORE_CASE(4, 1) SCORE_CASE(4, 2) SCORE_CASE(5, 1) SCORE_CASE(5, 2) SCORE_CASE(6, 1) SCORE_CASE(6, 2)
+        }
+      }
+    }
+    /* The running max and sum, a vector of queries at a time; the block's weights in place. */
+    for (long i = 0; i < ld; i += VW) {
+      vf bm = load(s + i);
+      for (long p = 1; p < bw; p++) bm = vmaxv(bm, load(s + p * ld + i));
+      const vf mo = load(m + i), mn = vmaxv(mo, bm), al = vexp(mo - mn);
+      vf sum = {0};
+      for (long p = 0; p < bw; p++) {
+        const vf e = vexp(load(s + p * ld + i) - mn);
+        store_v(s + p * ld + i, e);
+        sum += e;
+      }
+      store_v(l + i, load(l + i) * al + sum);
+      store_v(m + i, mn);
+      store_v(alpha + i, al);
+    }
+    const float *vb = v + p0 * dim;
+    for (long i = 0; i < mc; i += SV) {
+      const long nq = mc - i < SV ? mc - i : SV;
+      for (long c0 = 0; c0 < dv; c0 += cv) switch (nq * 8 + cv) {
+          VALUE_CASE(1, 1) VALUE_CASE(1, 2) VALUE_CASE(2, 1) VALUE_CASE(2, 2) VALUE_CASE(3, 1) VALUE_CASE(3, 2)
+          VALUE_CASE(4, 1) VALUE_CASE(4, 2) VALUE_CASE(5, 1) VALUE_CASE(5, 2) VALUE_CASE(6, 1) VALUE_CASE(6, 2)
+        }
+    }
+  }
+  for (long i = 0; i < mc; i++) {
+    const long at = (i0 + i) / per * heads + h * per + (i0 + i) % per;
+    top[at] = m[i], total[at] = l[i];
+    memcpy(out + at * dim, acc + i * dim, dim * sizeof(float));
+  }
+  return 0;
+}
+
+/* 0 when done; -1 unless a head is 1, 2, 4, 8 or 16 vectors (nothing done) or where memory ran out. */
+int mlxq_shared_attention(const float *q, const float *keys, const float *values, long rows, long heads,
+                          long kv_heads, long dim, long head_stride, long n, float scale, float *top, float *total,
+                          float *out) {
+  const long dv = dim / VW;
+  if (dim % VW || (dv != 1 && dv != 2 && dv != 4 && dv != 8 && dv != 16) || heads % kv_heads || n <= 0) return -1;
+  const long per = heads / kv_heads, queries = rows * per;
+  const int threads = (double)queries * n * dim >= PARALLEL_FLOATS ? omp_get_max_threads() : 1;
+  /* Enough pieces for every thread: each KV head's queries split in runs of whole vectors. */
+  const long split = kv_heads >= threads ? 1 : (threads + kv_heads - 1) / kv_heads;
+  const long piece = ((queries + split - 1) / split + VW - 1) / VW * VW;
+  const long pieces = (queries + piece - 1) / piece;
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : failed)
+  for (long u = 0; u < kv_heads * pieces; u++) {
+    const long h = u / pieces, i0 = u % pieces * piece, i1 = i0 + piece < queries ? i0 + piece : queries;
+    failed |= shared_head(q, keys + h * head_stride, values + h * head_stride, heads, per, h, dim, i0, i1, n, scale,
+                          top, total, out) != 0;
+  }
+  return failed ? -1 : 0;
 }
