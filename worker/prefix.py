@@ -27,7 +27,7 @@ import mlx.core as mx
 __all__ = ["PREFIX_BLOCK", "PrefixCache"]
 
 #: Tokens per cached block: a prefix is reused in whole blocks.
-PREFIX_BLOCK = 32
+PREFIX_BLOCK = 16
 
 
 @dataclass(eq=False)
