@@ -22,7 +22,8 @@ One run measures up to six phases on the same requests (chat prompts of
     the machine's float32 matmul rate on the model's own shapes at 512 rows
     (``gemm_gflops``) and at the width: the report sets the useful model work
     per second end to end (``model_gflops``: 2 x the matmul parameters x
-    prompt and generated tokens, plus attention) against it
+    prompt and generated tokens, plus attention, prompt tokens the prefix
+    cache served included: ``cached_tokens``) against it
     (``roofline_fraction``);
 ``step`` (``phase_step.py``)
     a decode step of ``--width`` rows timed in parts: matmuls (at the gemm
@@ -206,6 +207,9 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "stock_requests": stock.requests if stock else 0,
         "stock_new_tokens": stock.tokens if stock else 0,
         "prompt_tokens": e2e.extra["prompt_tokens"],
+        # Served by the prefix cache (the chat template's start): counted in model_gflops as
+        # the work they stand for, though the worker copied their keys and values instead.
+        "cached_tokens": e2e.extra.get("cached_tokens"),
         "same_prompts": e2e.extra["prompt_tokens"] == raw.extra["prompt_tokens"],
         "max_tokens_total": sum(r["max_tokens"] for r in requests),
         "seed": args.seed,
@@ -234,7 +238,8 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
         rows.append(f"model work {report['model_gflops']} GFLOP/s against the matmul peak {report['gemm_gflops']} "
                     f"GFLOP/s (512 rows; {report['gemm_gflops_at_width']} at {report['width']} rows): "
                     f"roofline fraction {report['roofline_fraction']}; mean rows {_fmt(report['mean_rows'])} "
-                    f"of {report['width']}")
+                    f"of {report['width']}; {_fmt(report['cached_tokens'])} of {report['prompt_tokens']} prompt "
+                    f"tokens from the prefix cache")
     if "decode_step" in report:
         d = report["decode_step"]
         rows.append(f"decode step at {d['rows']} rows, context {d['context']}: {d['step_ms']} ms = matmuls "
