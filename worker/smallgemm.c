@@ -655,48 +655,34 @@ static inline vf splat(const float *p) {
 static __thread float *shared_scratch;
 static __thread size_t shared_scratch_size;
 
-/* s[p][0 : nv * VW] = k[p] . qt[:, 0 : nv * VW], positions p < mr (qt: dim x ld, s: ld apart). */
-static inline __attribute__((always_inline)) void score_tile(const int mr, const int nv, const float *k, long dim,
-                                                             const float *qt, long ld, float *s) {
-  vf acc[SP][2];
-  for (int p = 0; p < mr; p++)
-    for (int v = 0; v < nv; v++) acc[p][v] = (vf){0};
-  for (long c = 0; c < dim; c++) {
-    vf qv[2];
-    for (int v = 0; v < nv; v++) qv[v] = load(qt + c * ld + v * VW);
-    for (int p = 0; p < mr; p++) {
-      const vf kb = splat(k + p * dim + c);
-      for (int v = 0; v < nv; v++) acc[p][v] += kb * qv[v];
+/* c[r][0 : nv * VW] = c0[r] + sum over k < kn of a[r * ar + k * ak] * b[k][0 : nv * VW], for r < mr (b: ldb
+ * apart, c: ldc apart), where c0[r] is 0 (scale NULL) or c[r] * scale[r]: a tile of a product held in
+ * registers, a's entries broadcast. Both of the shared part's products are one: the scores (a: the keys, b:
+ * the queries transposed) and the weights times the values (a: the weights, b: the values). */
+static inline __attribute__((always_inline)) void broadcast_tile(const int mr, const int nv, const float *a, long ar,
+                                                                 long ak, const float *b, long ldb, long kn, float *c,
+                                                                 long ldc, const float *scale) {
+  vf acc[SP > SV ? SP : SV][2];
+  for (int r = 0; r < mr; r++) {
+    const vf sc = scale ? splat(scale + r) : (vf){0};
+    for (int v = 0; v < nv; v++) acc[r][v] = scale ? load(c + r * ldc + v * VW) * sc : (vf){0};
+  }
+  for (long k = 0; k < kn; k++) {
+    vf bv[2];
+    for (int v = 0; v < nv; v++) bv[v] = load(b + k * ldb + v * VW);
+    for (int r = 0; r < mr; r++) {
+      const vf x = splat(a + r * ar + k * ak);
+      for (int v = 0; v < nv; v++) acc[r][v] += x * bv[v];
     }
   }
-  for (int p = 0; p < mr; p++)
-    for (int v = 0; v < nv; v++) store_v(s + p * ld + v * VW, acc[p][v]);
+  for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++) store_v(c + r * ldc + v * VW, acc[r][v]);
 }
 
-/* acc[i + j][0 : cv * VW] = acc[..] * alpha[i + j] + sum over p < n of s[p][i + j] * v[p][0 : cv * VW],
- * j < nq (s: ld apart, v: dim apart, acc: dim apart). */
-static inline __attribute__((always_inline)) void value_tile(const int nq, const int cv, const float *s, long ld,
-                                                             const float *v, long dim, long n, float *acc,
-                                                             const float *alpha) {
-  vf a[SV][2];
-  for (int j = 0; j < nq; j++) {
-    const vf al = (vf){0} + alpha[j];
-    for (int c = 0; c < cv; c++) a[j][c] = load(acc + j * dim + c * VW) * al;
-  }
-  for (long p = 0; p < n; p++) {
-    vf vc[2];
-    for (int c = 0; c < cv; c++) vc[c] = load(v + p * dim + c * VW);
-    for (int j = 0; j < nq; j++) {
-      const vf w = splat(s + p * ld + j);
-      for (int c = 0; c < cv; c++) a[j][c] += w * vc[c];
-    }
-  }
-  for (int j = 0; j < nq; j++)
-    for (int c = 0; c < cv; c++) store_v(acc + j * dim + c * VW, a[j][c]);
-}
-
-#define SCORE_CASE(mr, nv) case (mr) * 8 + (nv): score_tile(mr, nv, kp, dim, qt + v0 * VW, ld, s + (p - p0) * ld + v0 * VW); break;
-#define VALUE_CASE(nq, cv) case (nq) * 8 + (cv): value_tile(nq, cv, s + i, ld, vb + c0 * VW, dim, bw, acc + i * dim + c0 * VW, alpha + i); break;
+#define SCORE_CASE(mr, nv) case (mr) * 8 + (nv): \
+  broadcast_tile(mr, nv, kp, dim, 1, qt + v0 * VW, ld, dim, s + (p - p0) * ld + v0 * VW, ld, 0); break;
+#define VALUE_CASE(nq, cv) case (nq) * 8 + (cv): \
+  broadcast_tile(nq, cv, s + i, 1, ld, vb + c0 * VW, dim, bw, acc + i * dim + c0 * VW, dim, alpha + i); break;
 
 /* One KV head's queries i0 .. i1 - 1 (query i: row i / per, head h * per + i % per). */
 static int shared_head(const float *q, const float *k, const float *v, long heads, long per, long h, long dim,
@@ -711,9 +697,9 @@ static int shared_head(const float *q, const float *k, const float *v, long head
   }
   float *qt = shared_scratch, *s = qt + dim * ld, *acc = s + SHARED_BLOCK * ld, *m = acc + ld * dim, *l = m + ld,
         *alpha = l + ld;
-  for (long i = 0; i < ld; i++) {
-    const float *qi = q + ((i0 + i) / per * heads + h * per + (i0 + i) % per) * dim;
-    for (long c = 0; c < dim; c++) qt[c * ld + i] = i < mc ? qi[c] * scale : 0.f;
+  for (long i = 0; i < ld; i++) { /* the queries, scaled, a column each; columns past mc are 0 */
+    const float *qi = i < mc ? q + ((i0 + i) / per * heads + h * per + (i0 + i) % per) * dim : 0;
+    for (long c = 0; c < dim; c++) qt[c * ld + i] = qi ? qi[c] * scale : 0.f;
     m[i] = -__builtin_inff(), l[i] = 0.f;
   }
   memset(acc, 0, (size_t)ld * dim * sizeof(float));
