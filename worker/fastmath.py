@@ -12,7 +12,9 @@ Where the worker has mlxq's C library preloaded (:mod:`mlxq.worker.smallgemm`),
 its kernels run the same ``expf`` a vector at a time, in one pass (about
 0.5 ns an element): :func:`swiglu_in_place` for the MLP, and
 :func:`softmax_prefix` for attention's softmax, in prompt processing and
-decode steps (:func:`mlxq.worker.slots.slot_attention`). They work on an
+decode steps (:func:`mlxq.worker.slots.slot_attention`), where
+:func:`decode_attention` and :func:`shared_attention` (cascade attention's
+shared part) take a step's attention whole. They work on an
 evaluated array's memory through NumPy, so each costs an evaluation of the
 graph up to it. Without the library, attention's softmax uses
 :func:`fast_exp`: MLX's fused attention has no CPU kernel and falls back to
@@ -37,8 +39,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["compiler_available", "decode_attention", "fast_exp", "shared_attention", "swiglu", "patch_model", "kernels", "load_kernels",
-           "sample_weights", "softmax_prefix", "swiglu_in_place"]
+__all__ = ["compiler_available", "decode_attention", "fast_exp", "shared_attention", "swiglu", "patch_model",
+           "kernels", "load_kernels", "sample_weights", "softmax_prefix", "swiglu_in_place"]
 
 log = logging.getLogger(__name__)
 
