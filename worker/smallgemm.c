@@ -71,6 +71,9 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #endif
 #define MIN_K 256  /* shorter products (attention's) go to few_xwt */
 #define FEW_M 8    /* the most rows few_xwt and few_xv take (a decode step's attention has heads per KV head) */
+#ifndef RUNS
+#define RUNS 32   /* runs of W a thread takes at a time (see small_gemm) */
+#endif
 #define PARALLEL_FLOATS 65536 /* a smaller W is not worth waking a second thread */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
@@ -274,7 +277,12 @@ static vf *reserve(vf **buf, size_t *size, size_t n) {
  * and K multiples of VW), the blocks start VW - shift floats into each row, on
  * a vector's boundary, and each row's first VW - shift floats and last shift
  * floats make one more block (edge(); X's too), added to the accumulators
- * before their lanes are. */
+ * before their lanes are.
+ *
+ * The threads take runs of W RUNS at a time, as each finishes its last: on
+ * these shared machines one core often runs slower than the other, and with
+ * half the runs each the faster waited for it. A run asks for the next run's
+ * rows only within its own RUNS. */
 static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx, const float *W,
                       int ldw, float beta, float *C, int ldc) {
   int shift = ldw % VW == 0 && K % VW == 0 ? (int)((uintptr_t)W / sizeof(float) % VW) : 0;
@@ -299,11 +307,11 @@ static int small_gemm(int M, int N, int K, float alpha, const float *X, int ldx,
             xp[((long)t * blocks + kb) * RM + i] = m < M ? load(x + head + kb * VW) : (vf){0};
           if (shift) xp[((long)t * blocks + kbs) * RM + i] = m < M ? edge(x, K, shift) : (vf){0};
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, RUNS)
       for (int r = 0; r < runs; r++) {
         int n = r * RN, rn = N - n < RN ? N - n : RN;
         column_run(M, rn, K, shift, xp, acc, X, ldx, W + (long)n * ldw, ldw, alpha, beta, C + n, ldc,
-                   n + 2 * RN <= N ? W + (long)(n + RN) * ldw : NULL);
+                   n + 2 * RN <= N && (r + 1) % RUNS ? W + (long)(n + RN) * ldw : NULL);
       }
     }
   }
