@@ -125,6 +125,7 @@ static inline vf edge(const float *row, int K, int shift) {
 /* s[0 .. rn) = the sums of a[0 .. rn)'s lanes, each in the same order: a vector's halves down to
  * 8 lanes, then neighbours, pairs of them, and the two halves of 4 (horizontal adds of 6 vectors at
  * once, where a lane_sum each took 13% of a product's time at 32 rows). */
+_Static_assert(RN == 6, "lane_sums adds up six accumulators");
 static inline __attribute__((always_inline)) void lane_sums(const int rn, const vf *a, float *s) {
   __m256 h[6];
 #pragma GCC unroll 6
