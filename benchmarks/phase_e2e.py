@@ -5,10 +5,11 @@ workload's ``--workers``) is started and warmed up first; the time is that of
 ``mlxq submit FILE --wait --json`` until the job has ended. Tokens are
 the sum of ``usage.completion_tokens`` in ``mlxq results``. The worker's peak
 RSS (VmHWM) is read while it runs; the largest its KV cache and prefix cache
-were, the prompt tokens its prefix cache served and the mean number of rows it
-decoded per step (up to the last request it admitted) come from its log as it
-stops; with several workers, the figures are summed (peak RSS, caches) or
-averaged (rows). ``cached_tokens`` is the job's own count (``mlxq status``);
+were, the prompt tokens its prefix cache served, the mean number of rows it
+decoded per step (up to the last request it admitted) and the engine's time in
+prompt processing, in decode steps and, within them, in growing the KV cache
+come from its log as it stops; with several workers, the figures are summed
+(peak RSS, caches, times) or averaged (rows). ``cached_tokens`` is the job's own count (``mlxq status``);
 ``cached_tokens_by_worker`` lists each worker's logged total, which includes
 the warm-up's.
 """
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path, workdir:
         return sum(values) if values else None
 
     rows = logged(r"mean rows ([\d.]+) of \d+")
+    found = [re.search(r"prompt processing ([\d.]+) s in (\d+) batches, decoding ([\d.]+) s in (\d+) steps, "
+                       r"of these growing the KV cache ([\d.]+) s", text) for text in texts]
+    sums = [sum(float(m.group(i)) for m in found if m) for i in range(1, 6)] if any(found) else None
     cached = logged(r"(\d+) prompt tokens from the prefix cache", int)
     lines = job_results(args.redis_url, job["job_id"])
     usage = [line["result"]["usage"] for line in lines]
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path, workdir:
         "cached_tokens": job.get("cached_tokens"),
         "cached_tokens_by_worker": cached,
         "mean_rows": sum(rows) / len(rows) if rows else None,
+        # Engine time by kind (summed over workers): prompt batches and decode steps, and
+        # within them the KV cache's growth.
+        "engine": None if sums is None else {
+            "prefill_s": round(sums[0], 2), "prefill_batches": int(sums[1]), "decode_s": round(sums[2], 2),
+            "decode_steps": int(sums[3]), "kv_growth_s": round(sums[4], 2)},
         "workers": workers,
         "responses": [line["result"]["response"] for line in lines],
         "prompt_tokens": sum(u["prompt_tokens"] for u in usage),

@@ -170,6 +170,7 @@ def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult,
         "computed_fraction": round(computed_gflops / gemm.extra["gemm_gflops"], 3),
         "mean_rows": e2e.extra.get("mean_rows"),
         "row_occupancy": round(e2e.extra["mean_rows"] / e2e.extra["width"], 3) if e2e.extra.get("mean_rows") else None,
+        "engine": e2e.extra.get("engine"),
         **parts,
     }
 
@@ -253,12 +254,21 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
                     f"of {report['width']}; {_fmt(report['cached_tokens'])} of {report['prompt_tokens']} prompt "
                     f"tokens from the prefix cache (without them: {report['computed_gflops']} GFLOP/s, "
                     f"{report['computed_fraction']})")
+    if report.get("engine"):
+        rows.append(f"the job in the engine: {_engine(report['engine'])}")
     if "decode_step" in report:
         d = report["decode_step"]
         rows.append(f"decode step at {d['rows']} rows, context {d['context']}: {d['step_ms']} ms = matmuls "
                     f"{d['matmuls_ms']} (at the gemm rate) + attention {d['attention_ms']} + sampling "
                     f"{d['sampling_ms']} + other {d['other_ms']}; {d['step_gflops']} GFLOP/s")
     return "\n".join(rows)
+
+
+def _engine(t: dict[str, Any]) -> str:
+    step_ms = t["decode_s"] / t["decode_steps"] * 1000 if t["decode_steps"] else 0.0
+    return (f"prompt processing {t['prefill_s']} s in {t['prefill_batches']} batches, decoding {t['decode_s']} s "
+            f"in {t['decode_steps']} steps ({step_ms:.0f} ms a step), of these growing the KV cache "
+            f"{t['kv_growth_s']} s")
 
 
 def _round(value: Optional[float], digits: int = 1) -> Optional[float]:
@@ -311,6 +321,7 @@ def shared_prefix(args: argparse.Namespace, model_dir: Path, facts: dict[str, in
         "rss_over_budget_mb": _round(peak - weights_mb - kv_mb - (on.extra.get("prefix_peak_mb") or 0))
         if peak is not None else None,
         "mean_rows": {"prefix_off": off.extra.get("mean_rows"), "prefix_on": on.extra.get("mean_rows")},
+        "engine": {"prefix_off": off.extra.get("engine"), "prefix_on": on.extra.get("engine")},
         "shape": args.shape,
         "width": args.width,
         "seed": args.seed,
@@ -324,7 +335,9 @@ def shared_prefix(args: argparse.Namespace, model_dir: Path, facts: dict[str, in
           f"(by worker {report['cached_tokens_by_worker']}: the prefix computed {report['prefix_computations']} "
           f"times); greedy outputs identical: {report['outputs_identical']}\n"
           f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} + KV cache {kv_mb} "
-          f"+ prefix cache {report['prefix_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}",
+          f"+ prefix cache {report['prefix_cache_mb']} + other {_fmt(report['rss_over_budget_mb'])}"
+          + "".join(f"\nthe job in the engine, prefix cache {kind}: {_engine(t)}"
+                    for kind, t in (("off", off.extra.get("engine")), ("on", on.extra.get("engine"))) if t),
           file=sys.stderr if args.json else sys.stdout, flush=True)
     return report
 

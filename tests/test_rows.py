@@ -51,3 +51,10 @@ def test_a_worker_holds_its_backlog_ready_and_keeps_its_rows_full(private_redis,
         assert logged, worker.text()[-2000:]
         # While requests were still coming, a freed row was refilled from the backlog at once.
         assert float(logged.group(1)) >= 1.5
+        # The job's time in the engine, by kind (benchmarks/phase_e2e.py reads it).
+        split = re.search(r"prompt processing ([\d.]+) s in (\d+) batches, decoding ([\d.]+) s in (\d+) steps, "
+                          r"of these growing the KV cache ([\d.]+) s", worker.text())
+        assert split, worker.text()[-2000:]
+        prefill, batches, decode, steps, growth = (float(x) for x in split.groups())
+        assert prefill > 0 and batches >= 1 and decode > 0 and steps >= 1
+        assert 0 <= growth <= prefill + decode

@@ -108,6 +108,14 @@ class _Slot:
                           cached_tokens=cached_tokens)
 
 
+@dataclass
+class _Times:
+    prefill: float = 0.0
+    prefills: int = 0
+    resize: float = 0.0  # within prefill and decode: the KV caches' growth
+    decode: float = 0.0
+
+
 @dataclass(eq=False)
 class _Lane:
     """One slot batch and its requests: the base model, or one LoRA adapter.
@@ -158,6 +166,9 @@ class Engine:
         # Decode steps and the rows they decoded, since the engine was last idle.
         self.decode_steps = 0
         self.decode_rows = 0
+        #: Where the time went since the engine was last idle: prompt processing and decode
+        #: steps, and within them the KV caches' growth (seconds), and the prompt batches.
+        self.times = _Times()
         self._fed = (0, 0)  # the two when the last request was admitted
         self._idle = True
         #: One prefix cache for every lane, each under its adapter's name.
@@ -242,12 +253,16 @@ class Engine:
         self._fail_all(lanes, EngineStopped("the worker is shutting down"))
         import mlx.core as mx
 
+        t = self.times
         log.info("engine stopped: %d tokens generated, %d prompt tokens from the prefix cache, "
-                 "mean rows %s of %d, peak MLX memory %.0f MB, peak KV cache %.1f MiB, peak prefix cache %.1f MiB",
+                 "mean rows %s of %d, peak MLX memory %.0f MB, peak KV cache %.1f MiB, peak prefix cache %.1f MiB; "
+                 "since it was last idle: prompt processing %.1f s in %d batches, decoding %.1f s in %d steps, "
+                 "of these growing the KV cache %.1f s",
                  self.tokens_generated, self.prefix_cache.hit_tokens,
                  "-" if self.occupancy is None else f"{self.occupancy:.2f}", self.width,
                  mx.get_peak_memory() / 1e6,
-                 self.peak_kv_bytes / 2**20, self.prefix_cache.peak_bytes / 2**20)
+                 self.peak_kv_bytes / 2**20, self.prefix_cache.peak_bytes / 2**20,
+                 t.prefill, t.prefills, t.decode, self.decode_steps, t.resize)
 
     def _fail_all(self, lanes: dict[Optional[str], "_Lane"], exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
@@ -292,9 +307,22 @@ class Engine:
                 self._drop_stopped(lane)
                 self._sweep(lane)
                 if lane.live:
-                    self._collect(lane.gen.next(), lane)
+                    self._collect(self._timed_next(lane.gen), lane)
             self.peak_kv_bytes = max(self.peak_kv_bytes, sum(lane.gen.nbytes for lane in lanes.values()))
             self._evict_idle(lanes)
+
+    def _timed_next(self, gen) -> list:
+        """``gen.next()``, its time counted as prompt processing or as a decode step."""
+        started, resized = time.perf_counter(), gen.resize_seconds
+        steps = gen.next()
+        spent, t = time.perf_counter() - started, self.times
+        t.resize += gen.resize_seconds - resized
+        if steps:
+            t.decode += spent
+        else:
+            t.prefill += spent
+            t.prefills += 1
+        return steps
 
     def _sweep(self, lane: "_Lane") -> None:
         """Take spent rows out of the batch (cheap: one row's keys and values move)."""
@@ -349,6 +377,7 @@ class Engine:
         )
         if self._idle:
             self.decode_steps = self.decode_rows = 0
+            self.times = _Times()
             self._idle = False
         self._fed = (self.decode_steps, self.decode_rows)
         deadline = time.monotonic() + self.time_limit

@@ -34,6 +34,7 @@ and prefill only the rest.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, List, Optional, Sequence
 
@@ -526,6 +527,8 @@ class SlotBatch:
         self._next_uid = 0
         self._runs_for: tuple = ()
         self._runs: list[tuple[int, int, int]] = []
+        #: Seconds spent growing and shrinking the KV cache (fresh memory's page faults, copies).
+        self.resize_seconds = 0.0
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -636,6 +639,13 @@ class SlotBatch:
             self._resize(min(2 * need_rows, have_rows), min(need_length, have_length), [])
 
     def _resize(self, rows: int, length: int, like: List[mx.array]) -> None:
+        started = time.perf_counter()
+        try:
+            self._reallocate(rows, length, like)
+        finally:
+            self.resize_seconds += time.perf_counter() - started
+
+    def _reallocate(self, rows: int, length: int, like: List[mx.array]) -> None:
         used_rows = len(self.rows)
         used_length = max((r.length for r in self.rows), default=0)
         for layer, c in enumerate(self.caches):
