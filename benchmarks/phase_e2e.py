@@ -9,9 +9,9 @@ were, the prompt tokens its prefix cache served, the mean number of rows it
 decoded per step (up to the last request it admitted) and the engine's time in
 prompt processing, in decode steps and, within them, in growing the KV cache
 come from its log as it stops; with several workers, the figures are summed
-(peak RSS, caches, times) or averaged (rows). ``cached_tokens`` is the job's own count (``mlxq status``);
-``cached_tokens_by_worker`` lists each worker's logged total, which includes
-the warm-up's.
+(peak RSS, caches, times) or averaged (rows). ``cached_tokens`` is the job's
+own count (``mlxq status``); ``cached_tokens_by_worker`` lists each worker's
+logged total, which includes the warm-up's.
 """
 
 from __future__ import annotations
