@@ -11,7 +11,9 @@ One run measures up to six phases on the same requests (chat prompts of
 ``--seed``), each in its own module:
 
 ``e2e`` (``phase_e2e.py``)
-    a job through a real ``mlxq worker`` subprocess, as a user waits for it;
+    a job through a real ``mlxq worker`` subprocess, as a user waits for it,
+    and from the worker's log where its engine's time went (``engine``: prompt
+    processing, decode steps and, within them, the KV cache's growth);
 ``raw`` (``phase_raw.py``)
     mlx-lm's ``batch_generate`` with the worker's dtype, BLAS and width;
 ``stock`` (``phase_stock.py``; ``--skip-stock`` leaves it out)
@@ -22,12 +24,11 @@ One run measures up to six phases on the same requests (chat prompts of
     the machine's float32 matmul rate on the model's own shapes at 512 rows
     (``gemm_gflops``: the higher of two measurements, before the step phase and
     right after e2e, both in ``gemm_gflops_runs``) and at the width: the report
-    sets the useful model work
-    per second end to end (``model_gflops``: 2 x the matmul parameters x
-    prompt and generated tokens, plus attention, prompt tokens the prefix
-    cache served included: ``cached_tokens``) against it
-    (``roofline_fraction``), and the same less those tokens' matmuls, the
-    work the worker computed (``computed_gflops``, ``computed_fraction``);
+    sets the useful model work per second end to end (``model_gflops``: 2 x the
+    matmul parameters x prompt and generated tokens, plus attention, prompt
+    tokens the prefix cache served included: ``cached_tokens``) against it
+    (``roofline_fraction``), and the same less those tokens' matmuls, the work
+    the worker computed (``computed_gflops``, ``computed_fraction``);
 ``step`` (``phase_step.py``)
     a decode step of ``--width`` rows timed in parts: matmuls (at the gemm
     rate), attention, sampling and the rest.
