@@ -4,9 +4,9 @@ Usage (with the project's venv)::
 
     .venv/bin/python benchmarks/throughput.py [--shape 0.5b|small] [--requests N] [--json]
         [--width W] [--redis-url URL] [--seed S] [--stock-requests K | --skip-stock]
-        [--torch] [--workload standard|shared-prefix [--workers N]]
+        [--torch] [--llama-server BIN --llama-gguf FILE] [--workload standard|shared-prefix [--workers N]]
 
-One run measures up to six phases on the same requests (chat prompts of
+One run measures up to seven phases on the same requests (chat prompts of
 ~30-200 tokens, 64-128 new tokens each, temperature 0.6, all derived from
 ``--seed``), each in its own module:
 
@@ -20,6 +20,10 @@ One run measures up to six phases on the same requests (chat prompts of
     mlx-lm as pip installs it, one request after another;
 ``torch`` (``phase_torch.py``; with ``--torch``)
     PyTorch with transformers ``generate``, static batches of the same width;
+``llamacpp`` (``phase_llamacpp.py``; with ``--llama-server`` and ``--llama-gguf``)
+    llama.cpp's server with ``--parallel`` the width (continuous batching) on a
+    GGUF of the same model, every request sent at once; the report sets its
+    model work against the same matmul rate (``llamacpp_roofline_fraction``);
 ``gemm`` (``phase_gemm.py``)
     the machine's float32 matmul rate on the model's own shapes at 512 rows
     (``gemm_gflops``: the higher of two measurements, before the step phase and
@@ -62,6 +66,7 @@ from typing import Any, Optional, Sequence
 
 import phase_e2e
 import phase_gemm
+import phase_llamacpp
 import phase_raw
 import phase_step
 import phase_stock
@@ -94,12 +99,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--torch", action="store_true",
                         help="also run PyTorch with transformers, static batches of --width "
                              "(needs: pip install torch==2.13.0 transformers)")
+    parser.add_argument("--llama-server", metavar="BIN",
+                        help="also run llama.cpp's llama-server (this binary) on the same requests, "
+                             "with --llama-gguf (benchmarks/README.md says how to build both)")
+    parser.add_argument("--llama-gguf", metavar="FILE", help="a GGUF of the benchmark's model for --llama-server")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
                         help="Redis database for the e2e phase; its mlxq:* keys are flushed "
                              "(default: redis://127.0.0.1:6379/14)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="limit for each phase in seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.llama_server) != bool(args.llama_gguf):
+        parser.error("--llama-server and --llama-gguf go together")
+    if args.llama_server and args.workload != "standard":
+        parser.error("--llama-server runs with the standard workload")
+    return args
 
 
 def _positive(text: str) -> int:
@@ -179,7 +193,8 @@ def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult,
 def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequence[dict[str, Any]],
               e2e: PhaseResult, raw: PhaseResult, stock: Optional[PhaseResult],
               torch: Optional[PhaseResult] = None, gemm: Optional[PhaseResult] = None,
-              config: Optional[dict[str, Any]] = None, step: Optional[PhaseResult] = None) -> dict[str, Any]:
+              config: Optional[dict[str, Any]] = None, step: Optional[PhaseResult] = None,
+              llamacpp: Optional[PhaseResult] = None) -> dict[str, Any]:
     """The JSON report."""
     weights_mb = facts["weights_bytes"] / MB
     kv_estimate_mb = kv_cache_bytes(facts, e2e.extra["prompt_lengths"], [r["max_tokens"] for r in requests],
@@ -198,6 +213,7 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "e2e_over_stock": _ratio(e2e, stock),
         "torch_tok_s": round(torch.tok_s, 2) if torch else None,
         "e2e_over_torch": _ratio(e2e, torch),
+        **(_llamacpp(llamacpp, e2e, gemm, config) if llamacpp else {}),
         "requests": e2e.requests,
         "new_tokens": e2e.tokens,
         "peak_rss_mb": round(peak, 1) if peak is not None else None,
@@ -208,8 +224,8 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
         "rss_over_budget_mb": round(peak - weights_mb - kv_mb - prefix_mb, 1) if peak is not None else None,
         "shape": args.shape,
         "width": args.width,
-        "blas": {p.name: p.blas for p in (e2e, raw, stock, torch) if p},
-        "seconds": {p.name: round(p.seconds, 2) for p in (e2e, raw, stock, torch) if p},
+        "blas": {p.name: p.blas for p in (e2e, raw, stock, torch, llamacpp) if p},
+        "seconds": {p.name: round(p.seconds, 2) for p in (e2e, raw, stock, torch, llamacpp) if p},
         "e2e_server_tok_s": round(e2e.tokens / server_s, 2) if server_s else None,
         "raw_new_tokens": raw.tokens,
         "raw_prefill_s": round(raw.extra["prefill_seconds"], 2),
@@ -230,16 +246,34 @@ def summarize(args: argparse.Namespace, facts: dict[str, int], requests: Sequenc
     }
 
 
+def _llamacpp(llamacpp: PhaseResult, e2e: PhaseResult, gemm: Optional[PhaseResult],
+              config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """llama.cpp's figures: its rate, mlxq's against it, its memory and its model work."""
+    x = llamacpp.extra
+    report = {
+        "llamacpp_tok_s": round(llamacpp.tok_s, 2),
+        "e2e_over_llamacpp": _ratio(e2e, llamacpp),
+        "llamacpp_new_tokens": llamacpp.tokens,
+        "llamacpp_peak_rss_mb": _round(x.get("peak_rss_mb")),
+        "llamacpp_same_prompts": x["prompt_tokens"] == e2e.extra["prompt_tokens"],
+    }
+    if gemm and config:
+        gflops = model_flops(config, x["prompt_lengths"], x["completion_lengths"]) / llamacpp.seconds / 1e9
+        report["llamacpp_model_gflops"] = round(gflops, 1)
+        report["llamacpp_roofline_fraction"] = round(gflops / gemm.extra["gemm_gflops"], 3)
+    return report
+
+
 def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
     stock = next((p for p in phases if p.name == "stock"), None)
-    header = f"{'phase':<6} {'requests':>8} {'gen tokens':>10} {'seconds':>9} {'tok/s':>9} {'x stock':>8}  blas"
+    header = f"{'phase':<8} {'requests':>8} {'gen tokens':>10} {'seconds':>9} {'tok/s':>9} {'x stock':>8}  blas"
     rows = [header, "-" * len(header)]
     for p in phases:
         vs_stock = f"{p.tok_s / stock.tok_s:.1f}" if stock and stock.tok_s else "-"
-        rows.append(f"{p.name:<6} {p.requests:>8} {p.tokens:>10} {p.seconds:>9.2f} {p.tok_s:>9.2f} "
+        rows.append(f"{p.name:<8} {p.requests:>8} {p.tokens:>10} {p.seconds:>9.2f} {p.tok_s:>9.2f} "
                     f"{vs_stock:>8}  {p.blas}")
     rows.append(f"e2e/raw {_fmt(report['e2e_over_raw'])}, e2e/stock {_fmt(report['e2e_over_stock'])}, "
-                f"e2e/torch {_fmt(report['e2e_over_torch'])}; "
+                f"e2e/torch {_fmt(report['e2e_over_torch'])}, e2e/llamacpp {_fmt(report.get('e2e_over_llamacpp'))}; "
                 f"worker-side e2e {_fmt(report['e2e_server_tok_s'])} tok/s (first claim to last result)")
     rows.append(f"worker peak RSS {_fmt(report['peak_rss_mb'])} MB = weights {report['weights_mb']} "
                 f"+ KV cache {report['kv_cache_mb']} (estimate {report['kv_estimate_mb']}) "
@@ -255,6 +289,9 @@ def format_table(phases: Sequence[PhaseResult], report: dict[str, Any]) -> str:
                     f"of {report['width']}; {_fmt(report['cached_tokens'])} of {report['prompt_tokens']} prompt "
                     f"tokens from the prefix cache (without them: {report['computed_gflops']} GFLOP/s, "
                     f"{report['computed_fraction']})")
+    if "llamacpp_roofline_fraction" in report:
+        rows.append(f"llama.cpp: model work {report['llamacpp_model_gflops']} GFLOP/s, roofline fraction "
+                    f"{report['llamacpp_roofline_fraction']}; server peak RSS {_fmt(report['llamacpp_peak_rss_mb'])} MB")
     if report.get("engine"):
         rows.append(f"the job in the engine: {_engine(report['engine'])}")
     if "decode_step" in report:
@@ -378,8 +415,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raw = phase_raw.run(args, model_dir, requests_file)
         stock = None if args.skip_stock else phase_stock.run(args, model_dir, requests_file)
         torch = phase_torch.run(args, model_dir, requests_file) if args.torch else None
-    report = summarize(args, facts, requests, e2e, raw, stock, torch, gemm, config, step)
-    phases = [p for p in (e2e, raw, stock, torch) if p]
+        llamacpp = phase_llamacpp.run(args, model_dir, requests_file) if args.llama_server else None
+    report = summarize(args, facts, requests, e2e, raw, stock, torch, gemm, config, step, llamacpp)
+    phases = [p for p in (e2e, raw, stock, torch, llamacpp) if p]
     print(f"model {args.shape} ({model_dir}), width {args.width}\n{format_table(phases, report)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     return report
