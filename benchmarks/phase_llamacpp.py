@@ -15,7 +15,6 @@ responses' ``tokens_predicted``. The server's peak RSS is read as it runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import TEMPERATURE, BenchError, PhaseResult, PromptCounter, last_line, log, read_jsonl
-from helpers import free_port, read_vmhwm_mb
+from helpers import free_port, read_vmhwm_mb, stop_process, wait_until
 
 SLOT_CONTEXT = 512  # tokens a slot holds: the longest request is ~215 prompt + 128 new
 READY_TIMEOUT = 600.0
@@ -34,9 +33,6 @@ READY_TIMEOUT = 600.0
 
 def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> PhaseResult:
     server, gguf = Path(args.llama_server), Path(args.llama_gguf)
-    for path, what in ((server, "--llama-server"), (gguf, "--llama-gguf")):
-        if not path.is_file():
-            raise BenchError(f"{what} {path}: no such file")
     threads = os.cpu_count() or 1
     port = free_port()
     cmd = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
@@ -54,12 +50,7 @@ def run(args: argparse.Namespace, model_dir: Path, requests_file: Path) -> Phase
         try:
             return _measure(args, proc, output, port, requests, prompts, label)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 60)
 
 
 def _server_output(output) -> str:
@@ -73,18 +64,15 @@ def _measure(args: argparse.Namespace, proc: subprocess.Popen, output, port: int
 
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=args.timeout) as client:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
+        def ready() -> bool:
             if proc.poll() is not None:
                 raise BenchError(f"llama-server exited ({proc.returncode}): {last_line(_server_output(output))}")
             try:
-                if client.get("/health").status_code == 200:
-                    break
+                return client.get("/health").status_code == 200
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"llama-server not ready after {READY_TIMEOUT:.0f}s")
-            time.sleep(0.2)
+                return False
+
+        wait_until("llama-server to answer", ready, READY_TIMEOUT, interval=0.2)
 
         def complete(prompt: list[int], max_tokens: int, seed: int) -> dict[str, Any]:
             response = client.post("/completion", json={

@@ -73,7 +73,7 @@ import phase_stock
 import phase_torch
 from harness import (
     MB, BenchError, HelperFailure, PhaseResult, PromptCounter, check_environment, connect_redis, ensure_model,
-    log, make_requests, make_shared_prefix_requests, model_facts, write_jsonl,
+    make_requests, make_shared_prefix_requests, model_facts, write_jsonl,
 )
 
 
@@ -113,6 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--llama-server and --llama-gguf go together")
     if args.llama_server and args.workload != "standard":
         parser.error("--llama-server runs with the standard workload")
+    for option, path in (("--llama-server", args.llama_server), ("--llama-gguf", args.llama_gguf)):
+        if path and not Path(path).is_file():
+            parser.error(f"{option} {path}: no such file (benchmarks/llamacpp_setup.py makes it)")
     return args
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 __all__ = [
-    "ROOT", "MLXQ", "HelperFailure", "write_jsonl", "free_port", "wait_until", "clean_env", "run_mlxq",
+    "ROOT", "MLXQ", "HelperFailure", "write_jsonl", "free_port", "wait_until", "stop_process", "clean_env", "run_mlxq",
     "run_cli", "submit_and_wait", "results_of", "read_vmhwm_mb", "readme_blocks", "WorkerProcess",
 ]
 
@@ -62,6 +62,16 @@ def wait_until(what: str, predicate: Callable[[], T], timeout: float, interval: 
         if time.monotonic() > deadline:
             raise HelperFailure(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if ``proc`` has not ended after ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def clean_env(preload: Optional[str] = None, **extra: str) -> dict[str, str]:
@@ -207,13 +217,8 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM (a warm shutdown), and SIGKILL if it has not ended after ``timeout`` s."""
-        if not self.alive:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.alive:
+            stop_process(self.proc, timeout)
 
 
 def _last_line(text: str) -> str:

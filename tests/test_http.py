@@ -4,17 +4,15 @@ official ``openai`` package for the Batch API; a real Redis and the session's re
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from helpers import MLXQ, ROOT, clean_env, free_port, readme_blocks, run_cli, wait_until, write_jsonl
+from helpers import MLXQ, ROOT, clean_env, free_port, readme_blocks, run_cli, stop_process, wait_until, write_jsonl
 from mlxq import Client
 
 pytestmark = pytest.mark.slow
@@ -46,12 +44,7 @@ def server(redis_url, tiny_model, tmp_path_factory):
         wait_until("mlxq serve to answer", ready, timeout=60, interval=0.1)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
 
 
 @pytest.fixture
