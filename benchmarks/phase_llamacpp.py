@@ -96,5 +96,4 @@ def _measure(args: argparse.Namespace, proc: subprocess.Popen, output, port: int
                            "prompt_tokens": sum(a["tokens_evaluated"] for a in answers),
                            "prompt_lengths": [len(p) for p in prompts],
                            "completion_lengths": [a["tokens_predicted"] for a in answers],
-                           "prompt_ms": sum(a["timings"]["prompt_ms"] for a in answers),
                        })
