@@ -322,13 +322,8 @@ def flush_mlxq_keys(client) -> int:
 
 
 def start_worker(redis_url: str, model_dir: Path, width: int, log_path: Path, *args: str) -> WorkerProcess:
-    """An ``mlxq worker`` of ``width`` rows (and options ``args``), ready; stop it with ``with``.
-
-    Its environment is clean of ``MLXQ_*`` settings but for ``MLXQ_SMALL_GEMM``, passed on from this one.
-    """
-    passed = {k: os.environ[k] for k in ("MLXQ_SMALL_GEMM",) if k in os.environ}
-    worker = WorkerProcess(redis_url, model_dir, log_path, *args, concurrency=width, name="the worker",
-                           env=clean_env(**passed))
+    """An ``mlxq worker`` of ``width`` rows (and options ``args``), ready; stop it with ``with``."""
+    worker = WorkerProcess(redis_url, model_dir, log_path, *args, concurrency=width, name="the worker")
     try:
         return worker.wait_ready(WORKER_READY_TIMEOUT)
     except BaseException:

@@ -26,13 +26,13 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import mlx.core as mx
     from mlxq.worker.blas import loaded_blas
-    from mlxq.worker.smallgemm import decoding, prompting
+    from mlxq.worker.smallgemm import decoding
 
     mx.set_default_device(mx.cpu)
     calls = ctypes.c_ulong.in_dll(ctypes.CDLL(sys.argv[1]), "mlxq_smallgemm_calls")
     rng = np.random.default_rng(0)
     out = {"blas": loaded_blas(), "cases": []}
-    inside = {"decoding": decoding, "prompting": prompting}.get(sys.argv[3], contextlib.nullcontext)
+    inside = decoding if sys.argv[3] == "decoding" else contextlib.nullcontext
     for m, n, k, kind in json.loads(sys.argv[2]):
         x = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((n, k), dtype=np.float32)
@@ -109,10 +109,10 @@ def library(request, tmp_path_factory):
     return path, openblas
 
 
-def _run(library, cases, where="decoding", **env):
+def _run(library, cases, where="decoding"):
     path, openblas = library
     done = subprocess.run([sys.executable, "-c", SCRIPT, path, json.dumps(cases), where], capture_output=True, text=True,
-                          timeout=300, env=clean_env(preload=f"{path}:{openblas}", **env))
+                          timeout=300, env=clean_env(preload=f"{path}:{openblas}"))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -178,66 +178,6 @@ def test_outside_a_decode_step_every_product_goes_to_openblas(library):
     out = _run(library, [(8, 64, 512, "x @ w.T"), (1, 1024, 1024, "addmm")], where="outside")
     assert [c["taken"] for c in out["cases"]] == [0, 0]
     assert all(c["error"] < 1e-5 for c in out["cases"])
-
-
-def test_with_all_a_prompt_batchs_products_go_to_it_at_any_rows_and_attentions_short_ones_do_not(library):
-    cases = [(300, 64, 512, "x @ w.T"), (1, 1024, 1024, "addmm"), (4, 40, 64, "x @ w.T"), (4, 40, 300, "x @ v")]
-    out = _run(library, cases, where="prompting", MLXQ_SMALL_GEMM="all")
-    assert [c["taken"] for c in out["cases"]] == [1, 1, 0, 0]
-    assert all(c["error"] < 1e-5 for c in out["cases"])
-    # A position's keys and values do not depend on the other prompts of its batch.
-    assert out["cases"][0]["rows_alone_identical"]
-    # Without MLXQ_SMALL_GEMM=all, prompt processing stays with OpenBLAS.
-    out = _run(library, cases[:2], where="prompting")
-    assert [c["taken"] for c in out["cases"]] == [0, 0]
-
-
-EXACT = textwrap.dedent("""
-    import ctypes, json, sys
-    import mlx.core as mx
-    from mlxq.worker.model import load_model
-    from mlxq.worker.prefix import PREFIX_BLOCK, PrefixCache
-    from mlxq.worker.sampling import RowSampler
-    from mlxq.worker.slots import SlotBatch
-
-    mx.set_default_device(mx.cpu)
-    calls = ctypes.c_ulong.in_dll(ctypes.CDLL(sys.argv[1]), "mlxq_smallgemm_calls")
-    loaded = load_model(sys.argv[2])
-    shared = [(37 * i) % 5000 + 10 for i in range(3 * PREFIX_BLOCK + 5)]  # ends mid-block
-    prompts = [shared + [6000 + i] * (i + 1) for i in range(5)] + [shared, shared + [7], shared + [8]]
-
-    def run(cache, n=6):
-        batch = SlotBatch(loaded.model, width=4, prefill_tokens=120, prefix_cache=cache)
-        uids = batch.insert(prompts, [RowSampler(0.0) for _ in prompts], max_tokens=[n] * len(prompts))
-        before = calls.value
-        assert batch.next() == []  # a prompt batch comes first
-        taken = calls.value - before
-        got = {u: [] for u in uids}
-        while len(batch):
-            for step in batch.next():
-                got[step.uid].append(step.token)
-            batch.remove([u for u in uids if len(got[u]) >= n and u in {r.uid for r in batch.rows}])
-        return [got[u] for u in uids], taken
-
-    without, taken = run(None)
-    cache = PrefixCache(64 * 2**20)
-    with_cache, _ = run(cache)
-    print(json.dumps({"same": with_cache == without, "prompt_batch_products": taken, "hits": cache.hit_tokens}))
-""")
-
-
-def test_with_all_greedy_output_is_the_same_with_the_prefix_cache_and_without(library, tmp_path_factory):
-    """Prompt batches on the library (a model whose products it takes), through the engine's batch."""
-    from modelfactory import build_model
-
-    path, openblas = library
-    model = build_model(tmp_path_factory.mktemp("small"), shape="small")
-    done = subprocess.run([sys.executable, "-c", EXACT, path, str(model)], capture_output=True, text=True, timeout=300,
-                          env=clean_env(preload=f"{path}:{openblas}", MLXQ_SMALL_GEMM="all"))
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["prompt_batch_products"] > 0 and out["hits"] > 0
-    assert out["same"]
 
 
 def test_it_is_not_built_when_turned_off(tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ import numpy as np
 from .fastmath import decode_attention, fast_exp, kernels, shared_attention, softmax_prefix
 from .prefix import PrefixCache
 from .sampling import RowSampler, sample
-from .smallgemm import decoding, prompting
+from .smallgemm import decoding
 
 __all__ = ["SlotBatch", "SlotKVCache", "Step", "slot_attention"]
 
@@ -759,9 +759,8 @@ class SlotBatch:
                 for c in self.caches:
                     c.span, c.offset = span, offset
                     c.packed = offset if self.packed else None
-                with prompting():  # MLXQ_SMALL_GEMM=all: the products to the few-row kernel too
-                    self.model(mx.array(inputs), cache=self.caches)
-                    mx.eval([c.state for c in self.caches])
+                self.model(mx.array(inputs), cache=self.caches)
+                mx.eval([c.state for c in self.caches])
                 start = end
         finally:
             for c in self.caches:

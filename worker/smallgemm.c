@@ -23,13 +23,8 @@
  * weights times the values, X V with V as stored). The engine sets the limit
  * around a decode step only (mlxq.worker.smallgemm.decoding), so that prompt
  * processing, which must compute a position's keys and values the same way
- * whatever else it batches, stays with OpenBLAS; with MLXQ_SMALL_GEMM=all, a
- * prompt batch's products of K of at least 256 come here too, whatever their
- * rows (mlxq.worker.smallgemm.prompting clears mlxq_smallgemm_few, so that
- * attention's few-row products stay with OpenBLAS): a row sums the same way
- * in any batch, so a position's keys and values still do not depend on what
- * else the batch holds. Every other call goes to the next cblas_sgemm in the
- * process, OpenBLAS's.
+ * whatever else it batches, stays with OpenBLAS. Every other call goes to the
+ * next cblas_sgemm in the process, OpenBLAS's.
  *
  * The same library holds kernels that mlxq.worker.fastmath calls through
  * ctypes on MLX arrays' memory, all on a vector exp: a softmax over each row's
@@ -85,8 +80,6 @@ typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 /* Set through ctypes: the most rows of X this kernel takes (0: none, every product to OpenBLAS). */
 int mlxq_smallgemm_rows;
-/* Set through ctypes: 0 while a prompt batch runs (attention's few-row products then stay with OpenBLAS). */
-int mlxq_smallgemm_few = 1;
 /* Products this kernel has taken, for tests and diagnostics. */
 unsigned long mlxq_smallgemm_calls;
 
@@ -427,8 +420,6 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     int taken = 1;
     if (trans_b == TRANS && K >= MIN_K)
       taken = small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); /* 0: no buffer, to OpenBLAS */
-    else if (!__atomic_load_n(&mlxq_smallgemm_few, __ATOMIC_RELAXED))
-      taken = 0;
     else if (M <= FEW_M && trans_b == TRANS && K < MIN_K)
       few_xwt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     else if (M <= FEW_M && trans_b == NO_TRANS)

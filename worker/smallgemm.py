@@ -5,8 +5,7 @@ model. OpenBLAS repacks the weight on every such call; ``smallgemm.c`` reads it
 in place. It also runs the step's attention products (one call per row's
 head, where OpenBLAS's set-up per call cost more than the product). It takes a
 product only inside :func:`decoding`, which the engine wraps around each decode
-step; prompt processing stays with OpenBLAS unless ``MLXQ_SMALL_GEMM=all``
-(:func:`prompting`). The library also holds the vector
+step; prompt processing stays with OpenBLAS. The library also holds the vector
 softmax and SiLU that :mod:`mlxq.worker.fastmath` calls, in prompt processing
 and decode steps alike, and a sampler's weights (:mod:`mlxq.worker.sampling`).
 
@@ -32,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-__all__ = ["SOURCE", "LIBRARY_PREFIX", "build", "cpu_flags", "loaded_path", "decoding", "prompting", "prompts_too"]
+__all__ = ["SOURCE", "LIBRARY_PREFIX", "build", "cpu_flags", "loaded_path", "decoding"]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,6 @@ def build(cache_dir: Optional[Path] = None, extra_flags: Sequence[str] = ()) -> 
     if os.environ.get("MLXQ_SMALL_GEMM", "1") == "0":
         log.info("MLXQ_SMALL_GEMM=0: every matmul goes to OpenBLAS")
         return None
-    if prompts_too():
-        log.info("MLXQ_SMALL_GEMM=all: prompt processing's matmuls go to the few-row matmul too")
     model, flags = _cpu()
     if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
         log.warning("neither AVX-512 nor AVX2 and FMA on this CPU: decode steps' matmuls stay with OpenBLAS")
@@ -150,25 +147,7 @@ def loaded_path() -> Optional[str]:
 
 
 _rows: Optional[ctypes.c_int] = None
-_few: Optional[ctypes.c_int] = None
 _looked = False
-
-
-def _switches() -> Optional[ctypes.c_int]:
-    """The library's row limit (None without the library), and its switch for the few-row products."""
-    global _rows, _few, _looked
-    if not _looked:
-        path = loaded_path()
-        library = ctypes.CDLL(path) if path else None
-        _rows = ctypes.c_int.in_dll(library, "mlxq_smallgemm_rows") if library else None
-        _few = ctypes.c_int.in_dll(library, "mlxq_smallgemm_few") if library else None
-        _looked = True
-    return _rows
-
-
-def prompts_too() -> bool:
-    """``MLXQ_SMALL_GEMM=all``: prompt processing's products go to the library too (:func:`prompting`)."""
-    return os.environ.get("MLXQ_SMALL_GEMM", "1") == "all"
 
 
 @contextmanager
@@ -179,37 +158,16 @@ def decoding() -> Iterator[None]:
     of a step then sums each row in the same order whatever the batch holds.
     Without the library preloaded it does nothing.
     """
-    rows = _switches()
-    if rows is None:
+    global _rows, _looked
+    if not _looked:
+        path = loaded_path()
+        _rows = ctypes.c_int.in_dll(ctypes.CDLL(path), "mlxq_smallgemm_rows") if path else None
+        _looked = True
+    if _rows is None:
         yield
         return
-    rows.value = 1 << 30
+    _rows.value = 1 << 30
     try:
         yield
     finally:
-        rows.value = 0
-
-
-@contextmanager
-def prompting() -> Iterator[None]:
-    """With ``MLXQ_SMALL_GEMM=all``, a prompt batch's products of K of at least 256 evaluated inside
-    go to the library, whatever their rows; attention's short products stay with OpenBLAS.
-
-    The library sums a row in the same order whatever else its batch holds, so
-    a position's keys and values are the same with the prefix cache and
-    without it. It is faster than OpenBLAS at every number of rows on some CPUs
-    (a Zen 5 EPYC: 1.15-1.3x at 256-1,024 rows, 1.4-2.2x at 32-128) and
-    slower at many rows on others, so it is a choice. Otherwise, and without
-    the library, it does nothing.
-    """
-    rows = _switches()
-    if rows is None or not prompts_too():
-        yield
-        return
-    _few.value = 0
-    rows.value = 1 << 30
-    try:
-        yield
-    finally:
-        rows.value = 0
-        _few.value = 1
+        _rows.value = 0
