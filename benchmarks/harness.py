@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -39,7 +39,7 @@ __all__ = [
     "BenchError", "HelperFailure", "PhaseResult", "WorkerProcess", "TEMPERATURE", "MB", "log", "ensure_model",
     "huge_pages_env",
     "model_facts", "PromptCounter", "make_requests", "make_shared_prefix_requests", "read_jsonl", "write_jsonl", "load_prompts", "clean_env",
-    "run_phase", "phase_main", "own_peak_rss_mb", "mapped_blas", "connect_redis", "flush_mlxq_keys",
+    "run_command", "run_phase", "phase_main", "own_peak_rss_mb", "mapped_blas", "connect_redis", "flush_mlxq_keys",
     "check_environment", "start_worker", "submit", "job_results", "warm_up_requests", "last_line",
 ]
 
@@ -120,7 +120,7 @@ def ensure_model(shape: str, seed: int, timeout: float) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{shape}-{seed}-", dir=CACHE))
     log(f"building the {shape} model into {target} (once; it is cached)")
     try:
-        _run([sys.executable, str(TESTS / "modelfactory.py"), str(partial), "--shape", shape, "--seed", str(seed)],
+        run_command([sys.executable, str(TESTS / "modelfactory.py"), str(partial), "--shape", shape, "--seed", str(seed)],
              clean_env(), timeout, "model build")
         partial.rename(target)
     finally:
@@ -237,7 +237,7 @@ def load_prompts(tokenizer, requests_file: Path) -> tuple[list[list[int]], list[
 # -- phases in processes of their own ------------------------------------------------
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
+def run_command(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
     """Run ``cmd``; its stdout, or BenchError."""
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -255,7 +255,7 @@ def run_phase(name: str, model_dir: Path, requests_file: Path, env: dict[str, st
            "--requests-file", str(requests_file)]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = _run(cmd, env, timeout, f"{name} phase")
+    out = run_command(cmd, env, timeout, f"{name} phase")
     try:
         return PhaseResult.from_output(name, json.loads(out.strip().splitlines()[-1]))
     except (IndexError, ValueError) as exc:

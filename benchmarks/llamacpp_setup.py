@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from typing import Optional
 
-from harness import CACHE, BenchError, ensure_model, log
+from harness import CACHE, BenchError, clean_env, ensure_model, log, run_command
 
+TIMEOUT = 3600.0  # for each step (the build takes minutes)
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist's vendor/llama.cpp: the llama.cpp this was measured with
 CONVERT = """
 import sys
@@ -41,10 +41,7 @@ convert_hf_to_gguf.main()
 
 def _run(cmd: list, what: str, shown: Optional[list] = None) -> None:
     log(f"{what}: {' '.join(map(str, shown or cmd))}")
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise BenchError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
+    run_command(list(map(str, cmd)), clean_env(), TIMEOUT, what)
 
 
 def sources(root: Path) -> Path:

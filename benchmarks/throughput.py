@@ -156,16 +156,20 @@ def model_flops(config: dict[str, Any], prompt_lengths: Sequence[int], new_token
     return flops
 
 
+def model_gflops(config: dict[str, Any], phase: PhaseResult) -> float:
+    """A phase's useful model work per second (its prompts and the tokens it generated)."""
+    return model_flops(config, phase.extra["prompt_lengths"], phase.extra["completion_lengths"]) / phase.seconds / 1e9
+
+
 def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult,
              step: Optional[PhaseResult] = None) -> dict[str, Any]:
     """How close end to end came to the machine's matmul rate on the model's shapes, and a
     decode step's parts against the same rate."""
-    flops = model_flops(config, e2e.extra["prompt_lengths"], e2e.extra["completion_lengths"])
-    model_gflops = flops / e2e.seconds / 1e9
+    gflops = model_gflops(config, e2e)
     # The same less the matmuls of the prompt tokens the prefix cache served (the work the
     # worker did compute; their attention, a few positions each, stays in).
     served = 2 * phase_gemm.matmul_params(config) * (e2e.extra.get("cached_tokens") or 0)
-    computed_gflops = (flops - served) / e2e.seconds / 1e9
+    computed_gflops = gflops - served / e2e.seconds / 1e9
     parts = {}
     if step is not None:
         rows = step.requests
@@ -182,8 +186,8 @@ def roofline(config: dict[str, Any], e2e: PhaseResult, gemm: PhaseResult,
         "gemm_gflops": round(gemm.extra["gemm_gflops"], 1),
         "gemm_gflops_at_width": round(gemm.extra["gemm_gflops_at_width"], 1),
         "gemm_gflops_runs": gemm.extra.get("gemm_gflops_runs"),
-        "model_gflops": round(model_gflops, 1),
-        "roofline_fraction": round(model_gflops / gemm.extra["gemm_gflops"], 3),
+        "model_gflops": round(gflops, 1),
+        "roofline_fraction": round(gflops / gemm.extra["gemm_gflops"], 3),
         "computed_gflops": round(computed_gflops, 1),
         "computed_fraction": round(computed_gflops / gemm.extra["gemm_gflops"], 3),
         "mean_rows": e2e.extra.get("mean_rows"),
@@ -261,7 +265,7 @@ def _llamacpp(llamacpp: PhaseResult, e2e: PhaseResult, gemm: Optional[PhaseResul
         "llamacpp_same_prompts": x["prompt_tokens"] == e2e.extra["prompt_tokens"],
     }
     if gemm and config:
-        gflops = model_flops(config, x["prompt_lengths"], x["completion_lengths"]) / llamacpp.seconds / 1e9
+        gflops = model_gflops(config, llamacpp)
         report["llamacpp_model_gflops"] = round(gflops, 1)
         report["llamacpp_roofline_fraction"] = round(gflops / gemm.extra["gemm_gflops"], 3)
     return report
